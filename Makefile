@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` (install + the main job on the embedded default, CPU, offline)
+# and `make test` (install + the test suite).
+PYTHON ?= python
+DEMO ?= demo
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test demo-data
+
+install:
+	$(PYTHON) -m pip install -c constraints.txt -e '.[test]'
+
+demo-data:
+	$(PYTHON) -m drpruning_composer.data.demo_corpus --out $(DEMO)
+
+demo: install demo-data
+	composer train.py yamls/demo/pretrain.yaml variables.demo=$(DEMO)
+	$(PYTHON) -m drpruning_composer.report $(DEMO)
+
+test: install
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider

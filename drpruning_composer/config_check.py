@@ -1,0 +1,136 @@
+"""Pre-flight checks of a training YAML, so that mistakes fail in seconds instead of after model loading.
+
+Checked: every component name resolves in llm-foundry's registries; every local data folder exists (with its
+split); a local model or tokenizer path holds a Hugging Face config / tokenizer; with ``HF_HUB_OFFLINE=1`` a model
+or tokenizer must be local. Each error names the YAML key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from omegaconf import DictConfig, ListConfig
+from omegaconf import OmegaConf as om
+
+
+class ConfigError(ValueError):
+    """A training YAML that cannot run; the message starts with the offending key."""
+
+
+# YAML key -> llm-foundry registry names that may hold the component
+_COMPONENT_KEYS = {
+    'callbacks': ('callbacks', 'callbacks_with_config'),
+    'algorithms': ('algorithms',),
+    'loggers': ('loggers',),
+}
+
+
+def _offline() -> bool:
+    return os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes')
+
+
+def _looks_local(path: str) -> bool:
+    """True for what can only be a filesystem path (a hub id is `name` or `org/name`)."""
+    return os.path.exists(path) or path.startswith(('/', '.', '~')) or path.count('/') >= 2
+
+
+def _registered(registry_names: Sequence[str], name: str) -> bool:
+    from llmfoundry import registry
+
+    return any(name in getattr(registry, r) for r in registry_names)
+
+
+def check_components(cfg: DictConfig) -> None:
+    for key, registries in _COMPONENT_KEYS.items():
+        for name in (cfg.get(key) or {}):
+            if not _registered(registries, str(name)):
+                raise ConfigError(f'{key}.{name}: no {key[:-1]} named "{name}" is registered '
+                                  '(check the spelling, or install the package that provides it)')
+    single = {'model': 'models', 'optimizer': 'optimizers', 'scheduler': 'schedulers', 'train_loader': 'dataloaders'}
+    for key, registry_name in single.items():
+        name = (cfg.get(key) or {}).get('name')
+        if name is not None and not _registered((registry_name,), str(name)):
+            raise ConfigError(f'{key}.name: no {registry_name[:-1]} named "{name}" is registered')
+    for key, loader in _eval_loaders(cfg):
+        if loader.get('name') is not None and not _registered(('dataloaders',), str(loader['name'])):
+            raise ConfigError(f'{key}.name: no dataloader named "{loader["name"]}" is registered')
+
+
+def _eval_loaders(cfg: DictConfig) -> Iterator[tuple[str, Any]]:
+    for key in ('eval_loader', 'eval_loaders'):
+        loaders = cfg.get(key)
+        if isinstance(loaders, ListConfig):
+            for i, loader in enumerate(loaders):
+                yield f'{key}[{i}]', loader
+        elif loaders is not None:
+            yield key, loaders
+
+
+def _local_dirs(node: Any, key: str, split: str | None) -> Iterator[tuple[str, str]]:
+    """(key, folder) for every `local` path of a dataset config that has no `remote` to download from."""
+    if not isinstance(node, DictConfig):
+        return
+    split = node.get('split', split)
+    if node.get('local') is not None and node.get('remote') is None:
+        local = str(node['local'])
+        yield f'{key}.local', os.path.join(local, split) if split else local
+    if node.get('root') is not None and node.get('remote') is None:
+        yield f'{key}.root', str(node['root'])
+    for child_key in ('streams',):
+        for name, child in (node.get(child_key) or {}).items():
+            yield from _local_dirs(child, f'{key}.{child_key}.{name}', split)
+
+
+def check_data(cfg: DictConfig) -> None:
+    loaders = [('train_loader', cfg.get('train_loader'))] + list(_eval_loaders(cfg))
+    for key, loader in loaders:
+        if not isinstance(loader, DictConfig) or not isinstance(loader.get('dataset'), DictConfig):
+            continue
+        for k, folder in _local_dirs(loader['dataset'], f'{key}.dataset', None):
+            if not os.path.isdir(folder):
+                raise ConfigError(f'{k}: data folder {folder} does not exist')
+
+
+def check_model_paths(cfg: DictConfig) -> None:
+    model_path = (cfg.get('model') or {}).get('pretrained_model_name_or_path')
+    tokenizer_name = (cfg.get('tokenizer') or {}).get('name')
+    for key, path, marker in (('model.pretrained_model_name_or_path', model_path, 'config.json'),
+                              ('tokenizer.name', tokenizer_name, None)):
+        if path is None:
+            continue
+        path = str(path)
+        if _looks_local(path):
+            p = Path(path).expanduser()
+            if not p.is_dir():
+                raise ConfigError(f'{key}: model folder {path} does not exist')
+            if marker and not (p / marker).is_file():
+                raise ConfigError(f'{key}: {path} has no {marker} (not a Hugging Face model folder)')
+            if marker is None and not any((p / f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json')):
+                raise ConfigError(f'{key}: {path} has no tokenizer files')
+        elif _offline():
+            raise ConfigError(f'{key}: "{path}" is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it')
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first problem found in a resolved training config."""
+    check_components(cfg)
+    check_model_paths(cfg)
+    check_data(cfg)
+
+
+def load_and_check(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a YAML with command-line overrides (as `train_from_yaml` does), resolve it and check it."""
+    if not os.path.isfile(yaml_path):
+        raise ConfigError(f'{yaml_path}: no such YAML file')
+    cfg = om.load(yaml_path)
+    if overrides:
+        cfg = om.merge(cfg, om.from_cli(list(overrides)))
+    try:
+        om.resolve(cfg)
+    except Exception as e:  # an interpolation that does not resolve
+        raise ConfigError(f'{yaml_path}: {e}') from e
+    assert isinstance(cfg, DictConfig)
+    check_config(cfg)
+    return cfg

@@ -1,0 +1,271 @@
+"""Turn one text source per domain into per-domain MDS shards of fixed-length token samples.
+
+Output layout (what the `text` and `dynamic_mixture` loaders read)::
+
+    OUT/{domain}/train/   MDS shards, column `tokens` (int32, length max_seq_len)
+    OUT/{domain}/val/
+    OUT/manifest.json     documents, tokens and samples per domain and split
+
+Documents are split between train and val *by document* (seeded shuffle), joined with EOS and cut into
+`max_seq_len` samples; the tail that does not fill a sample is dropped. Everything is written into a temporary
+folder beside OUT and renamed at the end, so a failure never leaves a half-written OUT.
+
+CLI: ``drpruning-prepare --input ROOT --tokenizer TOK --out OUT`` (each sub-folder of ROOT is a domain) or
+``--domain NAME=PATH`` (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = ('.jsonl', '.json')
+MANIFEST = 'manifest.json'
+
+
+class PrepareError(ValueError):
+    """Bad input to data preparation; the message names the culprit."""
+
+
+@dataclass
+class SourceStats:
+    """What reading one domain's source found."""
+
+    files_read: int = 0
+    files_skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def skip(self, path: Path, why: str) -> None:
+        self.files_skipped += 1
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(f'{path} ({why})')
+
+
+def _read_text_file(path: Path, stats: SourceStats) -> str | None:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        stats.skip(path, f'unreadable: {e.strerror}')
+        return None
+    if b'\x00' in raw:
+        stats.skip(path, 'binary')
+        return None
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError:
+        stats.skip(path, 'not UTF-8')
+        return None
+
+
+def iter_documents(source: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
+    """Yield the documents of one domain: each line of a .jsonl file, or each other file as a whole.
+
+    Files are visited in sorted order so the result is deterministic. Unreadable, binary or malformed files are
+    skipped and counted in `stats`.
+    """
+    files = [source] if source.is_file() else sorted(p for p in source.rglob('*') if p.is_file())
+    for path in files:
+        text = _read_text_file(path, stats)
+        if text is None:
+            continue
+        if path.suffix in JSONL_SUFFIXES:
+            docs = []
+            try:
+                for line in text.splitlines():
+                    if line.strip():
+                        docs.append(json.loads(line)[text_field])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                stats.skip(path, f'not JSON lines with a "{text_field}" field')
+                continue
+            stats.files_read += 1
+            yield from (d for d in docs if isinstance(d, str) and d)
+        else:
+            stats.files_read += 1
+            if text:
+                yield text
+
+
+def split_documents(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split by document; val gets round(val_fraction * n) documents, at least one."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(val_fraction * len(docs)))
+    val_idx = set(order[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_idx]
+    val = [d for i, d in enumerate(docs) if i in val_idx]
+    return train, val
+
+
+def pack_tokens(token_lists: Sequence[Sequence[int]], eos_id: int, max_seq_len: int) -> np.ndarray:
+    """Join documents with EOS after each and cut into rows of `max_seq_len` (the incomplete tail is dropped)."""
+    total = sum(len(t) + 1 for t in token_lists)
+    stream = np.empty(total, dtype=np.int32)
+    pos = 0
+    for toks in token_lists:
+        stream[pos:pos + len(toks)] = toks
+        stream[pos + len(toks)] = eos_id
+        pos += len(toks) + 1
+    n = total // max_seq_len
+    return stream[:n * max_seq_len].reshape(n, max_seq_len)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a local Hugging Face tokenizer folder and check it has an EOS token."""
+    from transformers import AutoTokenizer
+
+    if not Path(path, 'tokenizer_config.json').is_file() and not Path(path, 'tokenizer.json').is_file():
+        raise PrepareError(f'--tokenizer {path}: not a local Hugging Face tokenizer folder')
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.eos_token_id is None:
+        raise PrepareError(f'--tokenizer {path}: the tokenizer has no EOS token (needed to join documents)')
+    return tok
+
+
+def _tokenize(tokenizer, docs: Sequence[str], desc: str) -> list[list[int]]:
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    batch = 256
+    for i in tqdm(range(0, len(docs), batch), desc=desc, unit='batch', leave=False, disable=None):
+        out.extend(tokenizer(list(docs[i:i + batch]), add_special_tokens=False, verbose=False)['input_ids'])
+    return out
+
+
+def _write_mds(rows: np.ndarray, out_dir: Path, compression: str | None) -> None:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(out_dir), columns={'tokens': 'ndarray:int32'}, compression=compression) as w:
+        for row in rows:
+            w.write({'tokens': row})
+
+
+def prepare(
+    sources: dict[str, Path],
+    tokenizer_path: str | os.PathLike,
+    out: str | os.PathLike,
+    max_seq_len: int = 256,
+    val_fraction: float = 0.05,
+    seed: int = 17,
+    text_field: str = 'text',
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Tokenize every domain into `out` and return the manifest. Raises PrepareError on bad input."""
+    out = Path(out)
+    if not sources:
+        raise PrepareError('no domains given')
+    if max_seq_len < 2:
+        raise PrepareError(f'--max-seq-len must be >= 2, got {max_seq_len}')
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f'--val-fraction must be in (0, 1), got {val_fraction}')
+    if out.exists() and not overwrite:
+        raise PrepareError(f'--out {out} already exists (pass --overwrite to replace it)')
+    for name, src in sources.items():
+        if not src.exists():
+            raise PrepareError(f'domain "{name}": source {src} does not exist')
+    tokenizer = load_tokenizer(tokenizer_path)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+    try:
+        manifest: dict = {
+            'max_seq_len': max_seq_len, 'seed': seed, 'val_fraction': val_fraction,
+            'eos_token_id': tokenizer.eos_token_id, 'vocab_size': len(tokenizer), 'domains': {},
+        }
+        for name in sorted(sources):
+            stats = SourceStats()
+            docs = list(iter_documents(sources[name], text_field, stats))
+            if stats.files_skipped:
+                log.warning('domain "%s": skipped %d unreadable/binary/malformed files, e.g. %s',
+                            name, stats.files_skipped, stats.skipped_examples)
+            if len(docs) < 2:
+                raise PrepareError(f'domain "{name}": source {sources[name]} has {len(docs)} usable documents; '
+                                   'need at least 2 (one for train, one for val)')
+            entry: dict = {'source': str(sources[name]), 'files_read': stats.files_read,
+                           'files_skipped': stats.files_skipped}
+            for split, split_docs in zip(('train', 'val'), split_documents(docs, val_fraction, seed)):
+                ids = _tokenize(tokenizer, split_docs, f'{name}/{split}')
+                rows = pack_tokens(ids, tokenizer.eos_token_id, max_seq_len)
+                if len(rows) == 0:
+                    raise PrepareError(
+                        f'domain "{name}": the {split} split has {sum(len(t) + 1 for t in ids)} tokens, '
+                        f'fewer than one sample of max_seq_len={max_seq_len}')
+                _write_mds(rows, tmp / name / split, compression)
+                entry[split] = {'documents': len(split_docs), 'tokens': int(rows.size), 'samples': int(len(rows))}
+            manifest['domains'][name] = entry
+            log.info('domain "%s": %s', name, entry)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def parse_sources(input_root: str | None, domain_args: Sequence[str]) -> dict[str, Path]:
+    """Domains from `--input ROOT` (one sub-folder per domain) and `--domain NAME=PATH` flags."""
+    sources: dict[str, Path] = {}
+    if input_root is not None:
+        root = Path(input_root)
+        if not root.is_dir():
+            raise PrepareError(f'--input {root} is not a folder')
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')):
+            sources[sub.name] = sub
+        if not sources:
+            raise PrepareError(f'--input {root} has no domain sub-folders')
+    for arg in domain_args:
+        name, sep, path = arg.partition('=')
+        if not sep or not name or not path:
+            raise PrepareError(f'--domain {arg!r}: expected NAME=PATH')
+        if name in sources:
+            raise PrepareError(f'--domain {name}: domain given twice')
+        sources[name] = Path(path)
+    return sources
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog='drpruning-prepare', description=__doc__.split('\n\n')[0])
+    p.add_argument('--input', help='folder with one sub-folder per domain (.jsonl files with a text field, '
+                                   'or plain text files)')
+    p.add_argument('--domain', action='append', default=[], metavar='NAME=PATH',
+                   help='a domain and its source folder or file (repeatable)')
+    p.add_argument('--tokenizer', required=True, help='local Hugging Face tokenizer folder')
+    p.add_argument('--out', required=True, help='output folder (created atomically)')
+    p.add_argument('--max-seq-len', type=int, default=256)
+    p.add_argument('--val-fraction', type=float, default=0.05)
+    p.add_argument('--seed', type=int, default=17)
+    p.add_argument('--text-field', default='text', help='JSON field holding the text in .jsonl files')
+    p.add_argument('--compression', default=None, choices=[None, 'zstd'])
+    p.add_argument('--overwrite', action='store_true')
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    try:
+        sources = parse_sources(args.input, args.domain)
+        manifest = prepare(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction, args.seed,
+                           args.text_field, args.compression, args.overwrite)
+    except PrepareError as e:
+        print(f'drpruning-prepare: error: {e}', file=sys.stderr)
+        return 2
+    for name, d in manifest['domains'].items():
+        print(f"{name:>12}: train {d['train']['documents']:>6} docs {d['train']['tokens']:>10} tokens | "
+              f"val {d['val']['documents']:>5} docs {d['val']['tokens']:>9} tokens | skipped files {d['files_skipped']}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

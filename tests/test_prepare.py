@@ -1,0 +1,131 @@
+"""Data preparation: round trip, determinism, and every bad-input case."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drpruning_composer.data.prepare import PrepareError, main, prepare
+from drpruning_composer.evaluate import read_split
+
+
+def _write_domain(root: Path, name: str, docs: list[str]) -> Path:
+    (root / name).mkdir(parents=True)
+    with open(root / name / 'a.jsonl', 'w') as f:
+        for d in docs:
+            f.write(json.dumps({'text': d}) + '\n')
+    return root / name
+
+
+def _docs(seed: int, n: int = 40) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = ['alpha', 'beta', 'gamma', 'delta', 'def', 'return', '(x)', '{', '}', '\n']
+    return [' '.join(rng.choice(words, size=rng.integers(5, 60))) for _ in range(n)]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    return {'code': _write_domain(tmp_path / 'in', 'code', _docs(0)),
+            'text': _write_domain(tmp_path / 'in', 'text', _docs(1))}
+
+
+def _all_rows(out: Path, domain: str, split: str) -> np.ndarray:
+    return read_split(out, domain, split, max_samples=10**9)
+
+
+def test_round_trip_decodes_to_input(tiny_demo, sources, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_demo / 'tokenizer'))
+    out = tmp_path / 'out'
+    assert main(['--input', str(tmp_path / 'in'), '--tokenizer', str(tiny_demo / 'tokenizer'), '--out', str(out),
+                 '--max-seq-len', '32', '--val-fraction', '0.2']) == 0
+    manifest = json.loads((out / 'manifest.json').read_text())
+    for domain, src in sources.items():
+        docs = [json.loads(line)['text'] for line in open(src / 'a.jsonl')]
+        entry = manifest['domains'][domain]
+        assert entry['train']['documents'] + entry['val']['documents'] == len(docs)
+        seen = []
+        for split in ('train', 'val'):
+            rows = _all_rows(out, domain, split)
+            assert rows.shape == (entry[split]['samples'], 32) and rows.size == entry[split]['tokens']
+            text = tok.decode(rows.reshape(-1).tolist())
+            pieces = text.split(tok.eos_token)
+            # Every complete piece is one whole input document; only the tail is cut by the fixed length.
+            assert all(p in docs for p in pieces[:-1])
+            assert any(d.startswith(pieces[-1]) for d in docs)
+            seen += pieces[:-1]
+        assert len(set(seen)) == len(seen)
+
+
+def test_same_seed_gives_identical_shards(tiny_demo, sources, tmp_path):
+    outs = []
+    for i, seed in enumerate((3, 3, 4)):
+        outs.append(tmp_path / f'out{i}')
+        prepare(sources, tiny_demo / 'tokenizer', outs[-1], max_seq_len=16, val_fraction=0.25, seed=seed)
+    shards = lambda o: {p.relative_to(o): p.read_bytes() for p in sorted(o.rglob('*.mds'))}  # noqa: E731
+    assert shards(outs[0]) == shards(outs[1])
+    assert shards(outs[0]) != shards(outs[2])
+
+
+def _assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f'.{out.name}.tmp-')]
+
+
+def test_missing_and_empty_domain(tiny_demo, sources, tmp_path):
+    out = tmp_path / 'out'
+    with pytest.raises(PrepareError, match='domain "ghost": source .* does not exist'):
+        prepare({**sources, 'ghost': tmp_path / 'nope'}, tiny_demo / 'tokenizer', out, max_seq_len=16)
+    (tmp_path / 'in' / 'empty').mkdir()
+    with pytest.raises(PrepareError, match='domain "empty".* 0 usable documents'):
+        prepare({**sources, 'empty': tmp_path / 'in' / 'empty'}, tiny_demo / 'tokenizer', out, max_seq_len=16)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_domain_smaller_than_one_sample(tiny_demo, sources, tmp_path):
+    out = tmp_path / 'out'
+    small = _write_domain(tmp_path / 'in', 'small', ['a b', 'c d', 'e f'])
+    with pytest.raises(PrepareError, match='domain "small": the train split has .* fewer than one sample'):
+        prepare({**sources, 'small': small}, tiny_demo / 'tokenizer', out, max_seq_len=64)
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_tokenizer_without_eos(tiny_demo, sources, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_demo / 'tokenizer'))
+    tok.eos_token = None
+    tok.save_pretrained(str(tmp_path / 'tok'))
+    cfg = json.loads((tmp_path / 'tok' / 'tokenizer_config.json').read_text())
+    cfg.pop('eos_token', None)
+    (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps(cfg))
+    with pytest.raises(PrepareError, match='no EOS token'):
+        prepare(sources, tmp_path / 'tok', tmp_path / 'out', max_seq_len=16)
+    _assert_nothing_written(tmp_path, tmp_path / 'out')
+
+
+def test_binary_and_unreadable_files_are_skipped_and_counted(tiny_demo, tmp_path, capsys):
+    src = tmp_path / 'in' / 'mixed'
+    src.mkdir(parents=True)
+    for i, d in enumerate(_docs(2, 30)):
+        (src / f'doc{i:02d}.txt').write_text(d)
+    (src / 'blob.bin').write_bytes(b'\x00\x01\x02binary')
+    (src / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
+    (src / 'broken.jsonl').write_text('{"text": "ok"}\nnot json\n')
+    out = tmp_path / 'out'
+    assert main(['--domain', f'mixed={src}', '--domain', f'copy={src}', '--tokenizer', str(tiny_demo / 'tokenizer'),
+                 '--out', str(out), '--max-seq-len', '16']) == 0
+    entry = json.loads((out / 'manifest.json').read_text())['domains']['mixed']
+    assert entry['files_skipped'] == 3 and entry['files_read'] == 30
+    assert 'skipped files 3' in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_traceback(tiny_demo, tmp_path, capsys):
+    assert main(['--domain', 'x', '--tokenizer', str(tiny_demo / 'tokenizer'), '--out', str(tmp_path / 'o')]) == 2
+    assert "--domain 'x': expected NAME=PATH" in capsys.readouterr().err
+    (tmp_path / 'exists').mkdir()
+    assert main(['--domain', f'x={tmp_path}', '--tokenizer', str(tiny_demo / 'tokenizer'),
+                 '--out', str(tmp_path / 'exists')]) == 2
+    assert 'already exists' in capsys.readouterr().err

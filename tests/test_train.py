@@ -1,0 +1,80 @@
+"""End to end through `composer train.py`, and config errors that must fail before training starts."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DOMAINS, REPO
+from drpruning_composer.config_check import ConfigError, check_config, load_and_check
+
+PRETRAIN = str(REPO / 'yamls' / 'demo' / 'pretrain.yaml')
+
+
+def tiny_overrides(demo, run_dir) -> list[str]:
+    """Shrink the demo pretraining YAML to a few seconds on the tiny fixture."""
+    return [f'variables.demo={demo}', 'variables.max_seq_len=64', 'max_duration=4ba', 'eval_interval=2ba',
+            'global_train_batch_size=4', 'device_train_microbatch_size=4', 'device_eval_batch_size=8',
+            'eval_subset_num_batches=1', 'console_log_interval=1ba', f'callbacks.hf_checkpointer.save_folder={run_dir}']
+
+
+def run_train(args: list[str], launcher: str = 'composer', timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = ([launcher] if launcher == 'composer' else [sys.executable]) + ['train.py', *args]
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_composer_train_logs_eval_loss_per_domain_and_saves_hf_model(tiny_demo, tmp_path):
+    proc = run_train([PRETRAIN, *tiny_overrides(tiny_demo, tmp_path / 'run')])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for d in DOMAINS:
+        losses = re.findall(rf'metrics/eval/{d}/LanguageCrossEntropy: ([0-9.]+)', out)
+        assert len(losses) == 2, f'{d}: {losses}'  # evaluated at batch 2 and 4
+        assert 0 < float(losses[-1]) < 7.0
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / 'run' / 'huggingface' / 'model'
+    assert (folder / 'model.safetensors').is_file()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = model.generate(**tok('def f(x):', return_tensors='pt'), max_new_tokens=5, do_sample=False)
+    assert ids.shape[1] > 3 and torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize('override, key', [
+    ('callbacks.not_a_callback={}', 'callbacks.not_a_callback'),
+    ('algorithms.gradient_clippin={}', 'algorithms.gradient_clippin'),
+    ('train_loader.name=txt', 'train_loader.name'),
+    ('train_loader.dataset.streams.prose.local=/nonexistent/prose', 'train_loader.dataset.streams.prose.local'),
+    ('model.pretrained_model_name_or_path=/nonexistent/model', 'model.pretrained_model_name_or_path'),
+    ('tokenizer.name=/tmp', 'tokenizer.name'),
+])
+def test_bad_config_names_the_key(tiny_demo, override, key):
+    with pytest.raises(ConfigError, match=f'^{key}: '):
+        load_and_check(PRETRAIN, [f'variables.demo={tiny_demo}', override])
+
+
+def test_missing_eval_data_names_the_loader(tiny_demo):
+    cfg = load_and_check(PRETRAIN, [f'variables.demo={tiny_demo}'])
+    cfg.eval_loader[1].dataset.local = '/nonexistent/prose'
+    with pytest.raises(ConfigError, match=r'^eval_loader\[1\].dataset.local: data folder /nonexistent/prose/val'):
+        check_config(cfg)
+
+
+def test_bad_model_id_offline(tiny_demo, monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(ConfigError, match='^model.pretrained_model_name_or_path: .*HF_HUB_OFFLINE'):
+        load_and_check(PRETRAIN, [f'variables.demo={tiny_demo}', 'model.pretrained_model_name_or_path=meta/llama'])
+
+
+def test_train_py_stops_before_training_on_bad_config(tiny_demo):
+    proc = run_train([PRETRAIN, f'variables.demo={tiny_demo}', 'callbacks.typo_monitor={}'], launcher='python',
+                     timeout=120)
+    assert proc.returncode == 2
+    assert 'config error: callbacks.typo_monitor: no callback named "typo_monitor"' in proc.stderr
+    assert 'Starting training' not in proc.stdout + proc.stderr
