@@ -5,17 +5,13 @@ DEMO ?= demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test demo-data
+.PHONY: install demo test
 
 install:
 	$(PYTHON) -m pip install -c constraints.txt -e '.[test]'
 
-demo-data:
-	$(PYTHON) -m drpruning_composer.data.demo_corpus --out $(DEMO)
-
-demo: install demo-data
-	composer train.py yamls/demo/pretrain.yaml variables.demo=$(DEMO)
-	$(PYTHON) -m drpruning_composer.report $(DEMO)
+demo: install
+	$(PYTHON) -m drpruning_composer.demo --out $(DEMO)
 
 test: install
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider

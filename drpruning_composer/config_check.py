@@ -75,12 +75,13 @@ def _local_dirs(node: Any, key: str, split: str | None) -> Iterator[tuple[str, s
     split = node.get('split', split)
     if node.get('local') is not None and node.get('remote') is None:
         local = str(node['local'])
-        yield f'{key}.local', os.path.join(local, split) if split else local
-    if node.get('root') is not None and node.get('remote') is None:
-        yield f'{key}.root', str(node['root'])
-    for child_key in ('streams',):
-        for name, child in (node.get(child_key) or {}).items():
-            yield from _local_dirs(child, f'{key}.{child_key}.{name}', split)
+        if node.get('domains'):  # dynamic_mixture: one MDS folder per domain under `local`
+            for domain in node['domains']:
+                yield f'{key}.local', os.path.join(local, str(domain), split or 'train')
+        else:
+            yield f'{key}.local', os.path.join(local, split) if split else local
+    for name, child in (node.get('streams') or {}).items():
+        yield from _local_dirs(child, f'{key}.streams.{name}', split)
 
 
 def check_data(cfg: DictConfig) -> None:

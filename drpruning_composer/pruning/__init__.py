@@ -1,0 +1,1 @@
+"""Learned structured pruning (hard-concrete L0 masks with Lagrangian constraints) for Llama-family models."""

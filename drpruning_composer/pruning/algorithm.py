@@ -1,0 +1,171 @@
+"""`L0MaskAlgorithm`: learned structured pruning of a Hugging Face Llama-family model to an exact target shape.
+
+Composer side of the method: attaches `L0Masks` at INIT, adds their optimizer param groups, warms the target up,
+adds the Lagrangian to the loss, logs the expected size, and exports the pruned model at FIT_END.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel
+
+from drpruning_composer.pruning.attach import attach_masks, bias_layout, check_supported
+from drpruning_composer.pruning.export import export_pruned_model
+from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
+from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
+                                                  required_masks, resolve_target)
+
+
+def _find_hf_model(model: torch.nn.Module) -> tuple[str, PreTrainedModel]:
+    """The Hugging Face model inside a Composer model, with its state_dict key prefix."""
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            return (f'{name}.' if name else ''), module
+    raise ValueError(f'l0_mask: no Hugging Face PreTrainedModel inside {type(model).__name__}')
+
+
+class L0MaskAlgorithm(Algorithm):
+    """Prune to `target` (Hugging Face config names) with hard-concrete masks and Lagrangian constraints.
+
+    Args:
+        target: target shape, a subset of num_hidden_layers, hidden_size, num_attention_heads,
+            num_key_value_heads, intermediate_size; missing fields keep the source value.
+        masks: mask types to learn (see `structure.MASK_TYPES`); default: those the target shape requires.
+        lagrangian_warmup: Composer time string over which the target sparsity grows linearly from 0.
+        mask_lr / lagrangian_lr: learning rates of the mask logits and of the Lagrange multipliers.
+        eval_mode: 'soft' evaluates the current noise-free masks, 'target' the exact top-k target model.
+        export_dir: if set, the pruned Hugging Face model is written there at FIT_END.
+        init_log_alpha: initial mask logit (about +5: all gates on).
+    """
+
+    def __init__(self, target: dict[str, int], masks: Sequence[str] | None = None, lagrangian_warmup: str = '0ba',
+                 mask_lr: float = 0.1, lagrangian_lr: float = 0.1, eval_mode: str = 'soft',
+                 export_dir: str | None = None, init_log_alpha: float = 5.0):
+        check_target_fields(target)
+        if masks is not None:
+            unknown = sorted(set(masks) - set(MASK_TYPES))
+            if unknown:
+                raise ValueError(f'l0_mask.masks: unknown mask types {unknown}; choose from {MASK_TYPES}')
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f'l0_mask.eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}')
+        try:
+            self.warmup = Time.from_timestring(lagrangian_warmup)
+        except ValueError as e:
+            raise ValueError(f'l0_mask.lagrangian_warmup: {e}') from e
+        self.hparams = {
+            'target': dict(target), 'masks': None if masks is None else list(masks),
+            'lagrangian_warmup': lagrangian_warmup, 'mask_lr': mask_lr, 'lagrangian_lr': lagrangian_lr,
+            'eval_mode': eval_mode, 'export_dir': export_dir, 'init_log_alpha': init_log_alpha,
+        }
+        self.masks: L0Masks | None = None
+        self.source_config: dict[str, Any] | None = None
+        self.model_prefix: str | None = None
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.AFTER_TRAIN_BATCH,
+                         Event.FIT_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._attach(state)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            self.masks.warmup_progress.fill_(self._warmup_progress(state))
+        elif event == Event.AFTER_LOSS:
+            self._add_lagrangian(state)
+        elif event == Event.AFTER_TRAIN_BATCH:
+            logger.log_metrics(self.masks.metrics())
+        elif event == Event.FIT_END and self.hparams['export_dir']:
+            self.export(state)
+
+    def resolve(self, source_config: Any) -> tuple[ModelShape, ModelShape, list[str]]:
+        """Validate against a source Hugging Face config (object or dict) without a model.
+
+        Returns the source shape, the target shape and the active mask types; raises ValueError naming the field.
+        """
+        get = source_config.get if isinstance(source_config, Mapping) else partial(getattr, source_config)
+        model_type = get('model_type', None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f'l0_mask: unsupported model_type {model_type!r}; supported: '
+                             f'{sorted(SUPPORTED_MODEL_TYPES)}')
+        source = ModelShape.from_config(source_config)
+        target = resolve_target(source, self.hparams['target'])
+        needed = required_masks(source, target)
+        active = needed if self.hparams['masks'] is None else self.hparams['masks']
+        missing = [name for name in needed if name not in active]
+        if missing:
+            raise ValueError(f'l0_mask.masks lacks {missing}, which the target shape needs')
+        return source, target, list(active)
+
+    def _attach(self, state: State) -> None:
+        self.model_prefix, hf_model = _find_hf_model(state.model)
+        check_supported(hf_model)
+        source, target, active = self.resolve(hf_model.config)
+        device = next(hf_model.parameters()).device
+        self.masks = L0Masks(source, target, active, bias_layout(hf_model), self.hparams['init_log_alpha'],
+                             self.hparams['eval_mode'], device=device)
+        attach_masks(hf_model, self.masks)
+        self.source_config = json.loads(hf_model.config.to_json_string(use_diff=False))
+        optimizer = state.optimizers[0]
+        optimizer.add_param_group({'params': list(self.masks.log_alpha.parameters()),
+                                   'lr': self.hparams['mask_lr'], 'initial_lr': self.hparams['mask_lr'],
+                                   'weight_decay': 0.0})
+        optimizer.add_param_group({
+            'params': [*self.masks.lambda_1.parameters(), *self.masks.lambda_2.parameters()],
+            'lr': self.hparams['lagrangian_lr'], 'initial_lr': self.hparams['lagrangian_lr'], 'weight_decay': 0.0})
+
+    def _warmup_progress(self, state: State) -> float:
+        if self.warmup.value == 0:
+            return 1.0
+        if self.warmup.unit == TimeUnit.DURATION:
+            elapsed = state.get_elapsed_duration()
+            done = 0.0 if elapsed is None else elapsed.value
+        else:
+            done = state.timestamp.get(self.warmup.unit).value
+        return min(1.0, done / self.warmup.value)
+
+    def _add_lagrangian(self, state: State) -> None:
+        lagrangian = self.masks.pop_lagrangian()
+        if lagrangian is None:
+            return
+        loss = state.loss
+        if isinstance(loss, dict):
+            total = loss['total'] if 'total' in loss else sum(loss.values())
+            state.loss = {**loss, 'total': total + lagrangian, 'lagrangian': lagrangian}
+        else:
+            state.loss = {'lm': loss, 'lagrangian': lagrangian, 'total': loss + lagrangian}
+
+    def expected_num_params(self) -> float | None:
+        """Expected remaining non-embedding parameter count from the most recent forward (None before one)."""
+        if self.masks is None or 'expected_params' not in self.masks.stats:
+            return None
+        return float(self.masks.stats['expected_params'])
+
+    def export(self, state: State) -> None:
+        """Write the pruned model to `export_dir` (collective: every rank gathers, rank 0 writes)."""
+        model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_global_rank() == 0:
+            prefix = self.model_prefix
+            hf_state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            export_pruned_model(hf_state, self.source_config, self.hparams['target'], self.hparams['export_dir'],
+                                tokenizer=getattr(model, 'tokenizer', None), overwrite=True)
+        dist.barrier()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters and source config (primitives only), enough for `drpruning-export` to run alone."""
+        return {'hparams': dict(self.hparams), 'source_config': self.source_config, 'model_prefix': self.model_prefix}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check that the run resumes with the same target; mask state itself lives in the model."""
+        for key in ('target', 'masks'):
+            if state['hparams'][key] != self.hparams[key]:
+                raise ValueError(f'l0_mask.{key}={self.hparams[key]!r} differs from the checkpoint '
+                                 f"({state['hparams'][key]!r})")

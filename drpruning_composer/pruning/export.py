@@ -1,0 +1,235 @@
+"""Fold the final binary masks into the weights and write a physically smaller Hugging Face model folder.
+
+Final masks are binary with exactly the target count per layer, so export is pure sub-setting of weight rows and
+columns. CLI: `drpruning-export CKPT OUT` reads a monolithic Composer checkpoint of a run with `L0MaskAlgorithm`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
+
+from drpruning_composer.pruning.masks import target_gates
+from drpruning_composer.pruning.structure import SUPPORTED_MODEL_TYPES, ModelShape, resolve_target
+
+MASK_PREFIX = 'l0_masks.'
+LOG_ALPHA_PREFIX = MASK_PREFIX + 'log_alpha.'
+
+# Which index sub-sets each dim of a parameter: 'hidden', 'query' (q rows / o_proj columns), 'kv', 'intermediate'
+# or None (kept whole).
+_LAYER_PARAMS = {
+    'self_attn.q_proj.weight': ('query', 'hidden'),
+    'self_attn.q_proj.bias': ('query',),
+    'self_attn.k_proj.weight': ('kv', 'hidden'),
+    'self_attn.k_proj.bias': ('kv',),
+    'self_attn.v_proj.weight': ('kv', 'hidden'),
+    'self_attn.v_proj.bias': ('kv',),
+    'self_attn.o_proj.weight': ('hidden', 'query'),
+    'self_attn.o_proj.bias': ('hidden',),
+    'mlp.gate_proj.weight': ('intermediate', 'hidden'),
+    'mlp.gate_proj.bias': ('intermediate',),
+    'mlp.up_proj.weight': ('intermediate', 'hidden'),
+    'mlp.up_proj.bias': ('intermediate',),
+    'mlp.down_proj.weight': ('hidden', 'intermediate'),
+    'mlp.down_proj.bias': ('hidden',),
+    'input_layernorm.weight': ('hidden',),
+    'post_attention_layernorm.weight': ('hidden',),
+}
+_GLOBAL_PARAMS = {
+    'model.embed_tokens.weight': (None, 'hidden'),
+    'model.norm.weight': ('hidden',),
+    'lm_head.weight': (None, 'hidden'),
+}
+
+
+@dataclass
+class KeptIndices:
+    """Sorted indices that survive: layers, hidden dims, and per kept layer the q/o and k/v rows and MLP channels."""
+
+    layers: list[int]
+    hidden: torch.Tensor
+    query_rows: list[torch.Tensor]
+    kv_rows: list[torch.Tensor]
+    intermediate: list[torch.Tensor]
+
+
+def _nonzero(gates: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(gates, as_tuple=True)[0]
+
+
+def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def kept_indices(log_alpha: Mapping[str, torch.Tensor], source: ModelShape, target: ModelShape) -> KeptIndices:
+    """Indices kept by the final (top-k binary) masks; inactive mask types keep everything."""
+    gates = target_gates({k: v.detach().float().cpu() for k, v in log_alpha.items()}, target)
+    n_layers, n_kv, group = source.num_hidden_layers, source.num_key_value_heads, source.group_size
+    layer_gate = gates.get('layer', torch.ones(n_layers))
+    head_gate = gates.get('head', torch.ones(n_layers, n_kv))
+    query_gate = gates.get('query_head', torch.ones(n_layers, n_kv, group))
+    channel_gate = gates.get('intermediate', torch.ones(n_layers, source.intermediate_size))
+    layers = _nonzero(layer_gate).tolist()
+    query_rows, kv_rows = [], []
+    for layer in layers:
+        groups = _nonzero(head_gate[layer])
+        queries = (query_gate[layer] * head_gate[layer][:, None]).flatten()
+        query_rows.append(_head_rows(_nonzero(queries), source.head_dim))
+        kv_rows.append(_head_rows(groups, source.head_dim))
+    return KeptIndices(
+        layers=layers,
+        hidden=_nonzero(gates.get('hidden', torch.ones(source.hidden_size))),
+        query_rows=query_rows,
+        kv_rows=kv_rows,
+        intermediate=[_nonzero(channel_gate[layer]) for layer in layers],
+    )
+
+
+def _subset(tensor: torch.Tensor, dims: Sequence[str | None], index: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    for dim, kind in enumerate(dims):
+        if kind is not None:
+            tensor = tensor.index_select(dim, index[kind].to(tensor.device))
+    return tensor.contiguous()
+
+
+def compact_state_dict(state_dict: Mapping[str, torch.Tensor], kept: KeptIndices) -> dict[str, torch.Tensor]:
+    """Sub-set a Hugging Face Llama-family state dict (mask entries are dropped) to the kept indices."""
+    old_to_new = {old: new for new, old in enumerate(kept.layers)}
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(MASK_PREFIX):
+            continue
+        if key in _GLOBAL_PARAMS:
+            out[key] = _subset(tensor, _GLOBAL_PARAMS[key], {'hidden': kept.hidden})
+            continue
+        parts = key.split('.', 3)
+        if parts[:2] != ['model', 'layers'] or parts[3] not in _LAYER_PARAMS:
+            raise ValueError(f'export: unexpected parameter {key!r} for a Llama-family model')
+        layer = int(parts[2])
+        if layer not in old_to_new:
+            continue
+        new = old_to_new[layer]
+        index = {'hidden': kept.hidden, 'query': kept.query_rows[new], 'kv': kept.kv_rows[new],
+                 'intermediate': kept.intermediate[new]}
+        out[f'model.layers.{new}.{parts[3]}'] = _subset(tensor, _LAYER_PARAMS[parts[3]], index)
+    return out
+
+
+def pruned_config(source_config: Mapping[str, Any], target: ModelShape, dtype: torch.dtype) -> Any:
+    """The source config with the target shape and an explicit head_dim."""
+    fields = dict(source_config)
+    model_type = fields.pop('model_type', None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f'export: unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}')
+    fields.update({
+        'num_hidden_layers': target.num_hidden_layers,
+        'hidden_size': target.hidden_size,
+        'num_attention_heads': target.num_attention_heads,
+        'num_key_value_heads': target.num_key_value_heads,
+        'intermediate_size': target.intermediate_size,
+        'head_dim': target.head_dim,
+        'architectures': [SUPPORTED_MODEL_TYPES[model_type]],
+        'torch_dtype': str(dtype).removeprefix('torch.'),
+    })
+    fields.pop('_name_or_path', None)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise FileExistsError(f'export: {out} exists (pass overwrite to replace it)')
+    old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+
+
+def export_pruned_model(state_dict: Mapping[str, torch.Tensor], source_config: Mapping[str, Any],
+                        target: Mapping[str, int], out_dir: str | os.PathLike, tokenizer: Any = None,
+                        overwrite: bool = False) -> Path:
+    """Write the pruned model of a masked Hugging Face state dict to `out_dir`, atomically.
+
+    `state_dict` uses the Hugging Face model's keys and holds `l0_masks.log_alpha.*`; `target` is the target shape in
+    config names. Everything is written to a temporary folder beside `out_dir` that is renamed at the end.
+    """
+    source = ModelShape.from_config(source_config)
+    target_shape = resolve_target(source, target)
+    log_alpha = {k[len(LOG_ALPHA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LOG_ALPHA_PREFIX)}
+    compact = compact_state_dict(state_dict, kept_indices(log_alpha, source, target_shape))
+    dtype = compact['model.embed_tokens.weight'].dtype
+    config = pruned_config(source_config, target_shape, dtype)
+    if config.tie_word_embeddings:
+        compact.pop('lm_head.weight', None)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f'.{out.name}.tmp-{uuid.uuid4().hex[:8]}')
+    try:
+        tmp.mkdir()
+        config.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in compact.items()}, tmp / 'model.safetensors',
+                  metadata={'format': 'pt'})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _algorithm_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    for name, state in checkpoint['state'].get('algorithms', []):
+        if name == 'L0MaskAlgorithm':
+            return state
+    raise ValueError('export: the checkpoint holds no L0MaskAlgorithm state')
+
+
+def _load_tokenizer(path: str | None, checkpoint: Mapping[str, Any], scratch: str) -> Any:
+    if path is not None:
+        return AutoTokenizer.from_pretrained(path)
+    hf_state = checkpoint['state'].get('integrations', {}).get('huggingface')
+    if hf_state and hf_state.get('tokenizer'):
+        from composer.models import HuggingFaceModel
+        return HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=scratch)
+    return None
+
+
+def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None,
+                      overwrite: bool = False) -> Path:
+    """Export the pruned model of a monolithic Composer checkpoint written by a run with `L0MaskAlgorithm`."""
+    # Composer's own checkpoint entries (e.g. timedelta) need full unpickling: only export trusted checkpoints.
+    checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=False)
+    algorithm = _algorithm_state(checkpoint)
+    prefix = algorithm['model_prefix']
+    state_dict = {k[len(prefix):]: v for k, v in checkpoint['state']['model'].items() if k.startswith(prefix)}
+    with tempfile.TemporaryDirectory() as scratch:
+        return export_pruned_model(state_dict, algorithm['source_config'], algorithm['hparams']['target'], out_dir,
+                                   tokenizer=_load_tokenizer(tokenizer, checkpoint, scratch), overwrite=overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`drpruning-export CKPT OUT`: write the pruned Hugging Face model of a pruning checkpoint."""
+    parser = argparse.ArgumentParser(prog='drpruning-export', description=main.__doc__)
+    parser.add_argument('checkpoint', help='Composer checkpoint (.pt) of a run with the l0_mask algorithm')
+    parser.add_argument('out', help='output folder for the pruned Hugging Face model')
+    parser.add_argument('--tokenizer', help='tokenizer folder to copy (default: the one saved in the checkpoint)')
+    parser.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    args = parser.parse_args(argv)
+    out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    print(json.dumps({'exported': str(out)}))
+
+
+if __name__ == '__main__':
+    main()

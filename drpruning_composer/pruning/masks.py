@@ -1,0 +1,123 @@
+"""`L0Masks`: the mask logits and Lagrange multipliers of one pruning run, as a module of the pruned model.
+
+It lives under the Hugging Face model so its parameters belong to that model's root FSDP unit. Calling it (from a
+forward pre-hook of the Hugging Face model) draws the gates for that forward and, in training, the Lagrangian, so
+everything that reads its parameters happens inside forward.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from drpruning_composer.pruning.hard_concrete import keep_probability, sample_gates, soft_gates, top_k_gates
+from drpruning_composer.pruning.structure import (MASK_TYPES, BiasLayout, ModelShape, expected_non_embedding_params,
+                                                  kept_per_row, mask_shapes, target_sparsities)
+
+EVAL_MODES = ('soft', 'target')
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient: lets one optimizer step do gradient ascent on the multipliers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+def target_gates(log_alpha: Mapping[str, torch.Tensor], target: ModelShape) -> dict[str, torch.Tensor]:
+    """Binary gates of the target model: per row, the top-k scores with k from the target shape."""
+    kept = kept_per_row(target)
+    return {
+        name: torch.ones_like(scores) if kept[name] is None else top_k_gates(scores, kept[name])
+        for name, scores in log_alpha.items()
+    }
+
+
+def lagrangian(sparsity: torch.Tensor, target: torch.Tensor | float, lambda_1: torch.Tensor,
+               lambda_2: torch.Tensor) -> torch.Tensor:
+    """lambda_1 (s - t) + lambda_2 (s - t)^2, with the multipliers' gradient reversed (they are maximised)."""
+    gap = sparsity - target
+    return _ReverseGradient.apply(lambda_1) * gap + _ReverseGradient.apply(lambda_2) * gap**2
+
+
+class L0Masks(nn.Module):
+    """Hard-concrete gates for the active mask types plus one pair of Lagrange multipliers per type."""
+
+    def __init__(self, source: ModelShape, target: ModelShape, active: Sequence[str], bias: BiasLayout,
+                 init_log_alpha: float = 5.0, eval_mode: str = 'soft', device: torch.device | str | None = None):
+        super().__init__()
+        unknown = sorted(set(active) - set(MASK_TYPES))
+        if unknown:
+            raise ValueError(f'masks: unknown mask types {unknown}; choose from {MASK_TYPES}')
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f'eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}')
+        self.source, self.target, self.bias = source, target, bias
+        self.active = [name for name in MASK_TYPES if name in active]
+        self.init_log_alpha = init_log_alpha
+        self.eval_mode = eval_mode
+        self.final_sparsity = {name: target_sparsities(source, target)[name] for name in self.active}
+        shapes = mask_shapes(source)
+        self.log_alpha = nn.ParameterDict(
+            {name: nn.Parameter(torch.empty(shapes[name], device=device)) for name in self.active})
+        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.empty((), device=device)) for name in self.active})
+        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.empty((), device=device)) for name in self.active})
+        self.register_buffer('warmup_progress', torch.zeros((), device=device), persistent=False)
+        self.reset_parameters()
+        self.gates: dict[str, torch.Tensor] = {}
+        self.lagrangian: torch.Tensor | None = None
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def reset_parameters(self) -> None:
+        """All gates start (almost surely) on; multipliers start at zero."""
+        with torch.no_grad():
+            for p in self.log_alpha.values():
+                p.fill_(self.init_log_alpha)
+            for p in (*self.lambda_1.values(), *self.lambda_2.values()):
+                p.zero_()
+
+    def gate(self, name: str) -> torch.Tensor | None:
+        """The gates of `name` for the current forward, or None when that mask type is not active."""
+        return self.gates.get(name)
+
+    def current_target_sparsity(self, name: str) -> torch.Tensor:
+        """Target sparsity after linear warm-up."""
+        return self.warmup_progress * self.final_sparsity[name]
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """Draw this forward's gates; in training also build the Lagrangian. Returns the gates."""
+        if self.training:
+            self.gates = {name: sample_gates(p) for name, p in self.log_alpha.items()}
+        elif self.eval_mode == 'soft':
+            self.gates = {name: soft_gates(p) for name, p in self.log_alpha.items()}
+        else:
+            self.gates = target_gates(dict(self.log_alpha.items()), self.target)
+        keep = {name: keep_probability(p) for name, p in self.log_alpha.items()}
+        sparsity = {name: 1.0 - k.mean() for name, k in keep.items()}
+        if self.training:
+            terms = [
+                lagrangian(sparsity[n], self.current_target_sparsity(n), self.lambda_1[n], self.lambda_2[n])
+                for n in self.active
+            ]
+            self.lagrangian = torch.stack(terms).sum() if terms else None
+        with torch.no_grad():
+            self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias)}
+            for name, k in keep.items():
+                self.stats[f'expected_sparsity/{name}'] = sparsity[name].detach()
+                self.stats[f'expected_remaining/{name}'] = k.sum(-1).mean()
+        return self.gates
+
+    def pop_lagrangian(self) -> torch.Tensor | None:
+        """The Lagrangian of the last training forward; cleared so it is added to exactly one loss."""
+        value, self.lagrangian = self.lagrangian, None
+        return value
+
+    def metrics(self) -> dict[str, float]:
+        """Loggable values of the last forward: expected sizes and sparsities, and current targets."""
+        out = {f'l0/{key}': float(value) for key, value in self.stats.items()}
+        out.update({f'l0/target_sparsity/{name}': float(self.current_target_sparsity(name)) for name in self.active})
+        return out

@@ -1,0 +1,130 @@
+"""L0MaskAlgorithm inside a Composer Trainer: bitwise resume, the Lagrangian reaching the target, logging, export."""
+
+import io
+import os
+
+import pytest
+import torch
+from composer import Trainer
+from composer.core import Callback, Event, State
+from composer.loggers import InMemoryLogger, Logger
+from composer.models import HuggingFaceModel
+from composer.optim import DecoupledAdamW
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from drpruning_composer import L0MaskAlgorithm
+from drpruning_composer.pruning.export import main as export_main
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32)
+TARGET = dict(num_hidden_layers=1, hidden_size=24, num_attention_heads=2, num_key_value_heads=1,
+              intermediate_size=32)
+
+
+class RecordLosses(Callback):
+    """Every microbatch loss dict, detached."""
+
+    def __init__(self):
+        self.losses: list[dict[str, torch.Tensor]] = []
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_LOSS:
+            self.losses.append({k: v.detach().clone() for k, v in state.loss.items()})
+
+
+def _dataloader(num_batches: int = 8) -> DataLoader:
+    tokens = torch.randint(0, CONFIG['vocab_size'], (num_batches * 4, 16), generator=torch.Generator().manual_seed(1))
+    samples = [{'input_ids': t, 'attention_mask': torch.ones_like(t), 'labels': t} for t in tokens]
+    return DataLoader(samples, batch_size=4, shuffle=False)
+
+
+def _trainer(algorithm: L0MaskAlgorithm, max_duration: str, num_batches: int = 8,
+             **kwargs) -> tuple[Trainer, RecordLosses]:
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG)
+    config._attn_implementation = 'eager'
+    model = HuggingFaceModel(AutoModelForCausalLM.from_config(config), use_logits=True)
+    recorder = RecordLosses()
+    trainer = Trainer(model=model, train_dataloader=_dataloader(num_batches), max_duration=max_duration,
+                      optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=1e-5),
+                      algorithms=[algorithm], callbacks=[recorder], device='cpu', precision='fp32', seed=17,
+                      progress_bar=False, log_to_console=False, **kwargs)
+    return trainer, recorder
+
+
+def _algorithm(**kwargs) -> L0MaskAlgorithm:
+    defaults = dict(target=TARGET, masks=['layer', 'attention', 'mlp', 'head', 'query_head', 'intermediate',
+                                          'hidden'], lagrangian_warmup='4ba', mask_lr=0.05, lagrangian_lr=0.05)
+    return L0MaskAlgorithm(**{**defaults, **kwargs})
+
+
+def _mask_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.state.model.model.l0_masks.state_dict().items()}
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    full_export = tmp_path / 'full_export'
+    full, full_losses = _trainer(_algorithm(export_dir=str(full_export)), '6ba')
+    full.fit()
+
+    save = dict(save_folder=str(tmp_path / 'ckpt'), save_interval='3ba', run_name='resume', autoresume=True,
+                save_overwrite=False)
+    first, first_losses = _trainer(_algorithm(), '6ba', **save)
+    first.fit(duration='3ba')
+    first.close()
+    second, second_losses = _trainer(_algorithm(), '6ba', **save)
+    assert int(second.state.timestamp.batch) == 3
+    second.fit()
+
+    resumed_losses = first_losses.losses + second_losses.losses
+    assert len(resumed_losses) == len(full_losses.losses) == 6
+    for a, b in zip(full_losses.losses, resumed_losses):
+        assert a.keys() == b.keys() == {'total', 'lm', 'lagrangian'}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    mask_full, mask_resumed = _mask_state(full), _mask_state(second)
+    assert mask_full.keys() == mask_resumed.keys() and any('lambda_1' in k for k in mask_full)
+    assert all(torch.equal(mask_full[k], mask_resumed[k]) for k in mask_full)
+
+    buffer = io.BytesIO()
+    torch.save(second.state.algorithms[0].state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)['hparams']['target'] == TARGET
+
+    # The CLI exports the resumed run's last checkpoint to exactly what the uninterrupted run wrote at FIT_END.
+    cli_export = tmp_path / 'cli_export'
+    export_main([str(tmp_path / 'ckpt' / 'ep0-ba6-rank0.pt'), str(cli_export)])
+    a, b = load_file(full_export / 'model.safetensors'), load_file(cli_export / 'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a['model.embed_tokens.weight'].shape == (CONFIG['vocab_size'], TARGET['hidden_size'])
+
+
+def test_lagrangian_drives_expected_size_to_target():
+    algorithm = _algorithm(lagrangian_warmup='0ba', mask_lr=0.2, lagrangian_lr=0.05, init_log_alpha=2.0)
+    logger = InMemoryLogger()
+    trainer, _ = _trainer(algorithm, '30ba', num_batches=30, loggers=[logger])
+    trainer.fit()
+    for name, target in algorithm.masks.final_sparsity.items():
+        trajectory = [value for _, value in logger.data[f'l0/expected_sparsity/{name}']]
+        if target > 0:  # reaches the target (the multipliers then overshoot and oscillate around it)
+            assert min(abs(s - target) for s in trajectory) < 0.15 * abs(trajectory[0] - target), (name, trajectory)
+        else:  # a mask type the target keeps whole is pushed back on
+            assert trajectory[-1] < 0.2 * trajectory[0], (name, trajectory)
+    assert 'loss/train/lagrangian' in logger.data and len(logger.data['l0/expected_params']) == 30
+    assert algorithm.expected_num_params() == pytest.approx(logger.data['l0/expected_params'][-1][1])
+    assert logger.data['l0/target_sparsity/layer'][-1][1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('target, match', [({'hidden_size': 33}, 'hidden_size'),
+                                           ({'num_attention_heads': 3}, 'num_attention_heads')])
+def test_invalid_target_fails_before_training(target, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(L0MaskAlgorithm(target=target), '1ba')
+
+
+def test_missing_required_mask_fails_before_training():
+    with pytest.raises(ValueError, match=r"l0_mask.masks lacks \['hidden'\]"):
+        _trainer(L0MaskAlgorithm(target={'hidden_size': 16}, masks=['layer']), '1ba')
