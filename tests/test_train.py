@@ -20,9 +20,11 @@ def tiny_overrides(demo, run_dir) -> list[str]:
             'eval_subset_num_batches=1', 'console_log_interval=1ba', f'callbacks.hf_checkpointer.save_folder={run_dir}']
 
 
-def run_train(args: list[str], launcher: str = 'composer', timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = ([launcher] if launcher == 'composer' else [sys.executable]) + ['train.py', *args]
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
+def run_train(args: list[str], launcher: str = 'composer', launcher_args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`composer [launcher_args] train.py args` (or `python train.py args`) from the repo root."""
+    cmd = ([launcher, *launcher_args] if launcher == 'composer' else [sys.executable]) + ['train.py', *args]
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1', **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

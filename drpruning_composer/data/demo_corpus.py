@@ -24,7 +24,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from drpruning_composer.data.prepare import prepare
+from drpruning_composer.data.prepare import format_manifest, prepare
 
 DOMAINS = ('c_headers', 'prose', 'python', 'records')
 EOS = '<|endoftext|>'
@@ -181,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--max-seq-len', type=int, default=256)
     args = p.parse_args(argv)
     manifest = build(args.out, args.chars_per_domain, args.vocab_size, args.max_seq_len)
-    print(f"{'domain':>10} {'train docs':>10} {'train tokens':>12} {'val docs':>8} {'val tokens':>10}")
-    for name, d in manifest['domains'].items():
-        print(f"{name:>10} {d['train']['documents']:>10} {d['train']['tokens']:>12} "
-              f"{d['val']['documents']:>8} {d['val']['tokens']:>10}")
+    print(format_manifest(manifest))
     return 0
 
 

@@ -238,6 +238,16 @@ def parse_sources(input_root: str | None, domain_args: Sequence[str]) -> dict[st
     return sources
 
 
+def format_manifest(manifest: dict) -> str:
+    """Documents and tokens per domain and split, one line per domain."""
+    lines = []
+    for name, d in manifest['domains'].items():
+        lines.append(f"{name:>12}: train {d['train']['documents']:>6} docs {d['train']['tokens']:>10} tokens | "
+                     f"val {d['val']['documents']:>5} docs {d['val']['tokens']:>9} tokens | "
+                     f"skipped files {d['files_skipped']}")
+    return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='drpruning-prepare', description=__doc__.split('\n\n')[0])
     p.add_argument('--input', help='folder with one sub-folder per domain (.jsonl files with a text field, '
@@ -261,9 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrepareError as e:
         print(f'drpruning-prepare: error: {e}', file=sys.stderr)
         return 2
-    for name, d in manifest['domains'].items():
-        print(f"{name:>12}: train {d['train']['documents']:>6} docs {d['train']['tokens']:>10} tokens | "
-              f"val {d['val']['documents']:>5} docs {d['val']['tokens']:>9} tokens | skipped files {d['files_skipped']}")
+    print(format_manifest(manifest))
     return 0
 
 

@@ -64,8 +64,9 @@ class L0Masks(nn.Module):
         shapes = mask_shapes(source)
         self.log_alpha = nn.ParameterDict(
             {name: nn.Parameter(torch.empty(shapes[name], device=device)) for name in self.active})
-        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.empty((), device=device)) for name in self.active})
-        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.empty((), device=device)) for name in self.active})
+        # Multipliers are 1-element vectors, not scalars: FSDP2's fully_shard rejects 0-d parameters.
+        self.lambda_1 = nn.ParameterDict({name: nn.Parameter(torch.empty(1, device=device)) for name in self.active})
+        self.lambda_2 = nn.ParameterDict({name: nn.Parameter(torch.empty(1, device=device)) for name in self.active})
         self.register_buffer('warmup_progress', torch.zeros((), device=device), persistent=False)
         self.reset_parameters()
         self.gates: dict[str, torch.Tensor] = {}
@@ -103,7 +104,7 @@ class L0Masks(nn.Module):
                 lagrangian(sparsity[n], self.current_target_sparsity(n), self.lambda_1[n], self.lambda_2[n])
                 for n in self.active
             ]
-            self.lagrangian = torch.stack(terms).sum() if terms else None
+            self.lagrangian = torch.cat(terms).sum() if terms else None
         with torch.no_grad():
             self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias)}
             for name, k in keep.items():

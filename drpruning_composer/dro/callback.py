@@ -1,0 +1,381 @@
+"""DROReweightCallback: after each evaluation, move the training mixture toward domains with excess loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from composer.core import Callback, State, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+
+from drpruning_composer.data.mixture import DynamicMixtureDataset, normalize_proportions
+from drpruning_composer.dro.report import HISTORY_CSV, HISTORY_PNG, plot_history, write_history_csv
+from drpruning_composer.dro.scaling_law import RefLossPredictor
+from drpruning_composer.dro.update import drift_ratio, dro_step, sheared_step
+
+log = logging.getLogger(__name__)
+
+UPDATE_RULES = ('dro', 'sheared', 'constant')
+DYNAMIC = 'dynamic'
+EVAL_METRIC = 'LanguageCrossEntropy'
+
+
+def expected_num_params(state: State) -> float | None:
+    """Expected remaining size from the pruning algorithm, if one is active and has run a forward."""
+    try:
+        from drpruning_composer.pruning.algorithm import L0MaskAlgorithm
+    except ImportError:
+        return None
+    for algorithm in state.algorithms:
+        if isinstance(algorithm, L0MaskAlgorithm):
+            value = algorithm.expected_num_params()
+            return None if value is None else float(value)
+    return None
+
+
+def _check_vector(values: Any, n: int, key: str) -> list[float]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        raise ValueError(f'`{key}` must be a list with one number per domain ({n}), got {values!r}')
+    out = [float(v) for v in values]
+    if not all(math.isfinite(v) and v >= 0 for v in out):
+        raise ValueError(f'`{key}` must be finite and non-negative, got {values!r}')
+    return out
+
+
+class DROReweightCallback(Callback):
+    """Reweights a `dynamic_mixture` train loader after each evaluation (llm-foundry name: `dro_reweight`).
+
+    Args:
+        domains: domain names, in the order of the mixture's `dataset.domains`; each needs an eval loader
+            labelled with its name (Composer label `eval/<domain>`) unless `use_train_loss_ema`.
+        update: `dro` (chi-square-ball step around the reference ratio), `sheared` (Sheared-LLaMA's
+            exponentiated update on excess loss) or `constant` (weights fixed, losses still logged).
+        rho, min_prob: radius of the chi-square ball and floor on q/p for `dro`.
+        sheared_lr, sheared_smoothing: step size and uniform smoothing for `sheared`.
+        reference_loss: one loss per domain, or `dynamic` (per-domain scaling-law prediction at the end
+            of training, never increasing; no update until every domain has a prediction).
+        reference_ratio: one proportion per domain, `dynamic` (starts at the mixture's initial proportions
+            and drifts: p <- (1-ratio_delta) p + ratio_delta q, within `ratio_band` relative to the start),
+            or None (the mixture's initial proportions, fixed).
+        use_train_loss_ema: use a per-domain EMA (decay `ema_decay`) of the training loss instead of eval loss.
+        min_fit_points: evaluations needed before the scaling law is fitted.
+        final_num_params: P at the end of training for the prediction (default: the latest expected size
+            from the pruning algorithm; any constant without one).
+        history_folder: where `history.csv` (rewritten at every update) and `history.png` go; `{run_name}`
+            is substituted.
+        plot_interval: redraw the PNG every this many evaluations and at the end of training; 0 disables it.
+    """
+
+    def __init__(
+        self,
+        domains: Sequence[str],
+        update: str = 'dro',
+        rho: float = 0.1,
+        min_prob: float = 0.1,
+        sheared_lr: float = 1.0,
+        sheared_smoothing: float = 1e-4,
+        reference_loss: Sequence[float] | str = DYNAMIC,
+        reference_ratio: Sequence[float] | str | None = None,
+        ratio_delta: float = 0.1,
+        ratio_band: float = 0.5,
+        use_train_loss_ema: bool = False,
+        ema_decay: float = 0.9,
+        min_fit_points: int = 5,
+        final_num_params: float | None = None,
+        history_folder: str = '{run_name}/dro',
+        plot_interval: int = 10,
+    ) -> None:
+        self.domains = list(domains) if isinstance(domains, (list, tuple)) else domains
+        if not isinstance(self.domains, list) or not self.domains or len(set(self.domains)) != len(self.domains):
+            raise ValueError(f'`domains` must be a non-empty list of distinct names, got {domains!r}')
+        n = len(self.domains)
+        if update not in UPDATE_RULES:
+            raise ValueError(f'`update` must be one of {UPDATE_RULES}, got {update!r}')
+        if rho < 0:
+            raise ValueError(f'`rho` must be >= 0, got {rho}')
+        if not 0 <= min_prob < 1:
+            raise ValueError(f'`min_prob` must be in [0, 1), got {min_prob}')
+        if not 0 <= ratio_delta <= 1:
+            raise ValueError(f'`ratio_delta` must be in [0, 1], got {ratio_delta}')
+        if not 0 <= ratio_band <= 1:
+            raise ValueError(f'`ratio_band` must be in [0, 1], got {ratio_band}')
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f'`ema_decay` must be in [0, 1), got {ema_decay}')
+        if isinstance(reference_loss, str):
+            if reference_loss != DYNAMIC:
+                raise ValueError(f'`reference_loss` must be a list or {DYNAMIC!r}, got {reference_loss!r}')
+            self.static_ref_loss = None
+        else:
+            self.static_ref_loss = np.array(_check_vector(reference_loss, n, 'reference_loss'))
+        self.dynamic_ratio = reference_ratio == DYNAMIC
+        if isinstance(reference_ratio, str) and not self.dynamic_ratio:
+            raise ValueError(f'`reference_ratio` must be a list, {DYNAMIC!r} or null, got {reference_ratio!r}')
+        self.static_ratio = None
+        if reference_ratio is not None and not self.dynamic_ratio:
+            self.static_ratio = normalize_proportions(
+                _check_vector(reference_ratio, n, 'reference_ratio'), n, key='reference_ratio',
+            )
+        self.update = update
+        self.rho = float(rho)
+        self.min_prob = float(min_prob)
+        self.sheared_lr = float(sheared_lr)
+        self.sheared_smoothing = float(sheared_smoothing)
+        self.ratio_delta = float(ratio_delta)
+        self.ratio_band = float(ratio_band)
+        self.use_train_loss_ema = bool(use_train_loss_ema)
+        self.ema_decay = float(ema_decay)
+        self.final_num_params = None if final_num_params is None else float(final_num_params)
+        self.history_folder = history_folder
+        if plot_interval < 0:
+            raise ValueError(f'`plot_interval` must be >= 0, got {plot_interval}')
+        self.plot_interval = int(plot_interval)
+        self.predictors = [RefLossPredictor(min_points=min_fit_points) for _ in self.domains]
+
+        # Filled at fit start from the mixture, or restored from a checkpoint.
+        self.initial_ratio: np.ndarray | None = None
+        self.ratio: np.ndarray | None = None
+        self.ref_loss: np.ndarray | None = None if self.static_ref_loss is None else self.static_ref_loss.copy()
+        self.train_loss_ema = np.full(n, np.nan)
+        self.num_params: float | None = None
+        self.num_updates = 0
+        self.rows: list[dict[str, Any]] = []
+        self._evaluated: set[str] = set()
+        self._batch_loss_sum = np.zeros(n)
+        self._batch_loss_count = np.zeros(n)
+
+    # ---------------------------------------------------------------- validation
+    def _mixture(self, state: State) -> DynamicMixtureDataset:
+        dataset = getattr(state.train_dataloader, 'dataset', None)
+        if not isinstance(dataset, DynamicMixtureDataset):
+            raise ValueError(
+                'callbacks.dro_reweight needs the `dynamic_mixture` train loader, got '
+                f'{type(dataset).__name__ if dataset is not None else "no train dataloader"}',
+            )
+        return dataset
+
+    def _validate(self, state: State) -> None:
+        mixture = self._mixture(state)
+        if mixture.domains != self.domains:
+            raise ValueError(
+                f'callbacks.dro_reweight.domains {self.domains} must equal the train loader\'s dataset.domains '
+                f'{mixture.domains} (same names, same order)',
+            )
+        if not self.use_train_loss_ema:
+            labels = {evaluator.label for evaluator in state.evaluators}
+            missing = [d for d in self.domains if f'eval/{d}' not in labels]
+            if missing:
+                raise ValueError(
+                    f'callbacks.dro_reweight: domains {missing} have no eval loader; add an eval_loader with '
+                    f'`label: <domain>` for each (found labels {sorted(labels)})',
+                )
+        if self.initial_ratio is None:
+            self.initial_ratio = mixture.weights
+            self.ratio = self.static_ratio.copy() if self.static_ratio is not None else mixture.weights
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        # Loaders are attached to the state after Event.INIT, so this is the first point to check them.
+        self._validate(state)
+
+    # ---------------------------------------------------------------- train-loss EMA
+    def after_loss(self, state: State, logger: Logger) -> None:
+        if not self.use_train_loss_ema:
+            return
+        outputs = state.outputs
+        logits = outputs['logits'] if isinstance(outputs, dict) else outputs.logits
+        labels = state.batch['labels']
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].detach().float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction='none',
+        ).view(labels.shape[0], -1)
+        valid = (labels[:, 1:] != -100).float()
+        domain = state.batch['domain_idx'].long()
+        n = len(self.domains)
+        sums = torch.zeros(n, dtype=torch.float64, device=logits.device)
+        counts = torch.zeros(n, dtype=torch.float64, device=logits.device)
+        sums.index_add_(0, domain, token_loss.sum(1).double())
+        counts.index_add_(0, domain, valid.sum(1).double())
+        self._batch_loss_sum += sums.cpu().numpy()
+        self._batch_loss_count += counts.cpu().numpy()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self.use_train_loss_ema:
+            return
+        totals = state.device.tensor_to_device(
+            torch.tensor(np.concatenate([self._batch_loss_sum, self._batch_loss_count]), dtype=torch.float64),
+        )
+        dist.all_reduce(totals)
+        totals = totals.cpu().numpy()
+        n = len(self.domains)
+        for d in range(n):
+            if totals[n + d] > 0:
+                mean = totals[d] / totals[n + d]
+                previous = self.train_loss_ema[d]
+                self.train_loss_ema[d] = mean if np.isnan(previous) else (
+                    self.ema_decay * previous + (1 - self.ema_decay) * mean
+                )
+        self._batch_loss_sum[:] = 0
+        self._batch_loss_count[:] = 0
+
+    # ---------------------------------------------------------------- reweighting
+    def eval_end(self, state: State, logger: Logger) -> None:
+        self._evaluated.add(state.dataloader_label or '')
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        self._reweight(state, logger)
+
+    def eval_standalone_end(self, state: State, logger: Logger) -> None:
+        if state.train_dataloader is not None:
+            self._validate(state)
+            self._reweight(state, logger)
+
+    def _current_losses(self, state: State) -> np.ndarray | None:
+        if self.use_train_loss_ema:
+            return self.train_loss_ema.copy()
+        labels = [f'eval/{d}' for d in self.domains]
+        missing = [label for label in labels if label not in self._evaluated]
+        self._evaluated.clear()
+        if missing:
+            log.warning('dro_reweight: %s not evaluated in this round; weights unchanged', missing)
+            return None
+        return np.array([float(state.eval_metrics[label][EVAL_METRIC].compute()) for label in labels])
+
+    def _remaining_samples(self, state: State, seq_len: int) -> float:
+        """Global samples left until max_duration (0 if it cannot be expressed in samples)."""
+        if state.max_duration is None:
+            return 0.0
+        ts = state.timestamp
+        unit, value = state.max_duration.unit, state.max_duration.value
+        samples_per_batch = ts.sample.value / max(ts.batch.value, 1)
+        if unit == TimeUnit.SAMPLE:
+            return max(value - ts.sample.value, 0)
+        if unit == TimeUnit.TOKEN:
+            return max(value - ts.token.value, 0) / seq_len
+        if unit == TimeUnit.BATCH:
+            return max(value - ts.batch.value, 0) * samples_per_batch
+        return 0.0
+
+    def _dynamic_reference(self, state: State, losses: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        mixture = self._mixture(state)
+        seq_len = mixture.max_seq_len
+        tokens = mixture.samples_per_domain(int(state.timestamp.sample)).astype(np.float64) * seq_len
+        remaining_tokens = self._remaining_samples(state, seq_len) * seq_len
+        p_now = expected_num_params(state)
+        if p_now is not None:
+            self.num_params = p_now
+        p_now = self.num_params if self.num_params is not None else 1.0
+        p_end = self.final_num_params if self.final_num_params is not None else p_now
+        predictions = []
+        for d, predictor in enumerate(self.predictors):
+            predictor.add(p_now, tokens[d], losses[d])
+            predictions.append(predictor.predict(p_end, tokens[d] + remaining_tokens * weights[d]))
+        if any(p is None for p in predictions):
+            return None
+        return np.array(predictions, dtype=np.float64)
+
+    def _reweight(self, state: State, logger: Logger) -> None:
+        mixture = self._mixture(state)
+        weights = mixture.weights
+        losses = self._current_losses(state)
+        if losses is None:
+            return
+        row: dict[str, Any] = {'batch': int(state.timestamp.batch), 'sample': int(state.timestamp.sample)}
+        if not np.all(np.isfinite(losses)):
+            bad = [d for d, v in zip(self.domains, losses) if not math.isfinite(v)]
+            log.warning('dro_reweight: non-finite loss for %s; update skipped, weights unchanged', bad)
+            logger.log_metrics({'dro/skipped_nonfinite': 1})
+            self._record(state, logger, row, weights, losses)
+            return
+        if self.static_ref_loss is None:
+            predicted = self._dynamic_reference(state, losses, weights)
+            if predicted is not None:
+                self.ref_loss = predicted
+        new_weights = weights
+        if self.ref_loss is not None:
+            if self.update == 'dro':
+                new_weights = dro_step(losses, self.ref_loss, self.ratio, self.rho, self.min_prob)
+            elif self.update == 'sheared':
+                new_weights = sheared_step(losses, self.ref_loss, weights, self.sheared_lr, self.sheared_smoothing)
+            if self.dynamic_ratio and self.update != 'constant':
+                self.ratio = drift_ratio(self.ratio, new_weights, self.ratio_delta, self.initial_ratio, self.ratio_band)
+            if self.update != 'constant':
+                new_weights = mixture.set_weights_on_all_ranks(new_weights)
+            self.num_updates += 1
+        row['update'] = self.num_updates
+        self._record(state, logger, row, new_weights, losses)
+
+    def _record(self, state: State, logger: Logger, row: dict[str, Any], weights: np.ndarray, losses: np.ndarray) -> None:
+        metrics = {}
+        for d, name in enumerate(self.domains):
+            ref = None if self.ref_loss is None else float(self.ref_loss[d])
+            values = {
+                'weight': float(weights[d]),
+                'loss': float(losses[d]),
+                'ref_loss': ref,
+                'excess': None if ref is None else float(losses[d]) - ref,
+                'ratio': None if self.ratio is None else float(self.ratio[d]),
+            }
+            for quantity, value in values.items():
+                row[f'{quantity}/{name}'] = value
+                if value is not None and math.isfinite(value):
+                    metrics[f'dro/{quantity}/{name}'] = value
+        logger.log_metrics(metrics)
+        self.rows.append(row)
+        if dist.get_global_rank() == 0:
+            folder = self.history_dir(state)
+            os.makedirs(folder, exist_ok=True)
+            write_history_csv(os.path.join(folder, HISTORY_CSV), self.domains, self.rows)
+            if self.plot_interval and len(self.rows) % self.plot_interval == 0:
+                self._plot(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0 and self.plot_interval and self.rows:
+            self._plot(state)
+
+    def history_dir(self, state: State) -> str:
+        return self.history_folder.format(run_name=state.run_name)
+
+    def _plot(self, state: State) -> None:
+        try:
+            plot_history(os.path.join(self.history_dir(state), HISTORY_PNG), self.domains, self.rows)
+        except Exception as e:  # a plotting failure must never stop training
+            warnings.warn(f'dro_reweight: could not plot the history: {e}')
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        def as_list(a: np.ndarray | None) -> list[float] | None:
+            return None if a is None else [float(x) for x in a]
+
+        return {
+            'initial_ratio': as_list(self.initial_ratio),
+            'ratio': as_list(self.ratio),
+            'ref_loss': as_list(self.ref_loss),
+            'train_loss_ema': as_list(self.train_loss_ema),
+            'num_params': self.num_params,
+            'num_updates': self.num_updates,
+            'predictors': [p.state_dict() for p in self.predictors],
+            'rows': [dict(r) for r in self.rows],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def as_array(v: list[float] | None) -> np.ndarray | None:
+            return None if v is None else np.asarray(v, dtype=np.float64)
+
+        if len(state['predictors']) != len(self.domains):
+            raise ValueError(
+                f'dro_reweight checkpoint has {len(state["predictors"])} domains, configured {len(self.domains)}',
+            )
+        self.initial_ratio = as_array(state['initial_ratio'])
+        self.ratio = as_array(state['ratio'])
+        self.ref_loss = as_array(state['ref_loss']) if self.static_ref_loss is None else self.static_ref_loss.copy()
+        self.train_loss_ema = as_array(state['train_loss_ema'])
+        self.num_params = state['num_params']
+        self.num_updates = int(state['num_updates'])
+        for predictor, predictor_state in zip(self.predictors, state['predictors']):
+            predictor.load_state_dict(predictor_state)
+        self.rows = [dict(r) for r in state['rows']]

@@ -1,0 +1,162 @@
+"""Domain-weight update rules: pure numpy functions, no framework state.
+
+All functions take and return 1-D float arrays with one entry per domain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_BISECTION_STEPS = 100
+
+
+def _as_distribution(p: np.ndarray, name: str) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0 or np.any(p < 0) or not np.all(np.isfinite(p)) or p.sum() <= 0:
+        raise ValueError(f'{name} must be a non-empty 1-D array of non-negative finite numbers, got {p!r}')
+    return p / p.sum()
+
+
+def _clamped_ratio(scores: np.ndarray, p: np.ndarray, min_prob: float) -> np.ndarray:
+    """Ratio r = max(min_prob, c * scores) with c chosen so that sum(p * r) == 1 exactly.
+
+    Clamping after a plain normalisation and renormalising again would push clamped entries
+    back below `min_prob`; solving for the scale c keeps the floor exact.
+    """
+    clamped = np.zeros_like(scores, dtype=bool)
+    while True:
+        free_mass = float(np.sum(p[~clamped] * scores[~clamped]))
+        budget = 1.0 - min_prob * float(np.sum(p[clamped]))
+        if free_mass <= 0:
+            # Every entry is at the floor; min_prob < 1 guarantees this only happens at a degenerate point.
+            return np.ones_like(scores)
+        r = np.where(clamped, min_prob, scores * budget / free_mass)
+        newly = (~clamped) & (r < min_prob)
+        if not newly.any():
+            return r
+        clamped |= newly
+
+
+def chi_square_divergence(q: np.ndarray, p: np.ndarray) -> float:
+    """0.5 * sum_i p_i (q_i/p_i - 1)^2, the divergence bounded by `rho` in the DRO step."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    mask = p > 0
+    return float(0.5 * np.sum(p[mask] * (q[mask] / p[mask] - 1.0) ** 2))
+
+
+def dro_step(
+    losses: np.ndarray,
+    ref_losses: np.ndarray,
+    ref_ratio: np.ndarray,
+    rho: float,
+    min_prob: float,
+) -> np.ndarray:
+    """Worst-case mixture in the chi-square ball of radius `rho` around `ref_ratio`.
+
+    Excess loss e = losses - ref_losses; q(eta) is proportional to p * relu(e - eta), with the ratio
+    q/p floored at `min_prob`; eta is found by bisection so that 0.5 * sum p (q/p - 1)^2 == rho.
+    If even the most concentrated q stays inside the ball, that q is returned. Equal excess losses
+    leave the reference ratio unchanged.
+    """
+    p = _as_distribution(ref_ratio, 'ref_ratio')
+    e = np.asarray(losses, dtype=np.float64) - np.asarray(ref_losses, dtype=np.float64)
+    if e.shape != p.shape:
+        raise ValueError(f'losses, ref_losses and ref_ratio must have the same length, got {e.shape} and {p.shape}')
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f'losses and ref_losses must be finite, got excess {e!r}')
+    if rho < 0:
+        raise ValueError(f'rho must be >= 0, got {rho}')
+    if not 0 <= min_prob < 1:
+        raise ValueError(f'min_prob must be in [0, 1), got {min_prob}')
+
+    support = p > 0
+    spread = float(e[support].max() - e[support].min())
+    if rho == 0 or spread <= 1e-12 * max(1.0, float(np.abs(e[support]).max())):
+        return p.copy()
+
+    def ratio_at(eta: float) -> np.ndarray:
+        return _clamped_ratio(np.maximum(e - eta, 0.0), p, min_prob)
+
+    def divergence_at(eta: float) -> float:
+        return 0.5 * float(np.sum(p * (ratio_at(eta) - 1.0) ** 2))
+
+    # Divergence grows with eta: it tends to 0 for eta -> -inf and is largest just below max(e).
+    top = float(e[support].max())
+    hi = top - 1e-9 * spread
+    if divergence_at(hi) <= rho:
+        return p * ratio_at(hi)
+    lo = top - spread
+    while divergence_at(lo) > rho:
+        lo = top - 2.0 * (top - lo)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if divergence_at(mid) > rho:
+            hi = mid
+        else:
+            lo = mid
+    return p * ratio_at(lo)
+
+
+def sheared_step(
+    losses: np.ndarray,
+    ref_losses: np.ndarray,
+    weights: np.ndarray,
+    lr: float = 1.0,
+    smoothing: float = 1e-4,
+) -> np.ndarray:
+    """Sheared-LLaMA's exponentiated update: w <- (1-c) * normalise(w * exp(lr * relu(L - L_ref))) + c / k."""
+    w = _as_distribution(weights, 'weights')
+    excess = np.maximum(np.asarray(losses, dtype=np.float64) - np.asarray(ref_losses, dtype=np.float64), 0.0)
+    if excess.shape != w.shape:
+        raise ValueError(f'losses, ref_losses and weights must have the same length, got {excess.shape} and {w.shape}')
+    if not np.all(np.isfinite(excess)):
+        raise ValueError(f'losses and ref_losses must be finite, got excess {excess!r}')
+    if not 0 <= smoothing <= 1:
+        raise ValueError(f'smoothing must be in [0, 1], got {smoothing}')
+    with np.errstate(divide='ignore'):
+        logits = np.log(w) + lr * excess
+    logits -= logits[np.isfinite(logits)].max()
+    new = np.exp(logits)
+    new /= new.sum()
+    return (1.0 - smoothing) * new + smoothing / new.size
+
+
+def project_to_band(x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Euclidean projection of x onto {y : sum(y) = 1, lower <= y <= upper} (bisection on a shift)."""
+    x, lower, upper = (np.asarray(a, dtype=np.float64) for a in (x, lower, upper))
+    if lower.sum() > 1 + 1e-12 or upper.sum() < 1 - 1e-12:
+        raise ValueError(f'band is empty: sum(lower)={lower.sum()}, sum(upper)={upper.sum()}')
+    lo = float(np.min(lower - x)) - 1.0
+    hi = float(np.max(upper - x)) + 1.0
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if np.clip(x + mid, lower, upper).sum() > 1:
+            hi = mid
+        else:
+            lo = mid
+    y = np.clip(x + 0.5 * (lo + hi), lower, upper)
+    return y / y.sum()
+
+
+def drift_ratio(
+    ratio: np.ndarray,
+    weights: np.ndarray,
+    delta: float,
+    initial_ratio: np.ndarray,
+    band: float,
+) -> np.ndarray:
+    """Move the reference ratio toward the current weights: p <- (1-delta) p + delta q.
+
+    The result stays within a relative band around the initial ratio:
+    (1 - band) * p0_i <= p_i <= (1 + band) * p0_i, enforced by projection onto the simplex.
+    """
+    p = _as_distribution(ratio, 'ratio')
+    q = _as_distribution(weights, 'weights')
+    p0 = _as_distribution(initial_ratio, 'initial_ratio')
+    if not 0 <= delta <= 1:
+        raise ValueError(f'ratio_delta must be in [0, 1], got {delta}')
+    if not 0 <= band <= 1:
+        raise ValueError(f'ratio_band must be in [0, 1], got {band}')
+    moved = (1.0 - delta) * p + delta * q
+    return project_to_band(moved, (1.0 - band) * p0, np.minimum((1.0 + band) * p0, 1.0))

@@ -1,0 +1,364 @@
+"""DROReweightCallback: config errors before training, and a 2-process llm-foundry run with exact resume.
+
+The end-to-end test launches this file with `composer -n 2` (gloo on CPU); run as a script it is the
+training worker: it registers the components in llm-foundry's registries and calls `train_from_yaml`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+DOMAINS = ['noise', 'count', 'repeat']
+VOCAB = 64
+SEQ_LEN = 16
+
+
+def _rows(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Token rows of clearly different difficulty per domain."""
+    if domain == 'noise':
+        return rng.integers(3, VOCAB, size=(n, SEQ_LEN))
+    if domain == 'count':
+        return 3 + (rng.integers(0, VOCAB - 3, size=(n, 1)) + np.arange(SEQ_LEN)) % (VOCAB - 3)
+    return np.repeat(rng.integers(3, VOCAB, size=(n, 1)), SEQ_LEN, axis=1)
+
+
+def write_fixture(root: Path) -> dict[str, str]:
+    """MDS data ({root}/data/{domain}/{train,val}), a word-level tokenizer and a tiny Llama config."""
+    from streaming import MDSWriter
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    rng = np.random.default_rng(0)
+    for domain in DOMAINS:
+        for split, n in (('train', 64), ('val', 8)):
+            with MDSWriter(out=str(root / 'data' / domain / split), columns={'tokens': 'ndarray:int32'}) as w:
+                for row in _rows(domain, n, rng):
+                    w.write({'tokens': row.astype(np.int32)})
+    vocab = {'<pad>': 0, '<eos>': 1, '<unk>': 2, **{f't{i}': i for i in range(3, VOCAB)}}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token='<unk>')),
+        pad_token='<pad>', eos_token='<eos>', unk_token='<unk>', model_max_length=SEQ_LEN,
+    )
+    tokenizer.save_pretrained(str(root / 'tokenizer'))
+    LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=SEQ_LEN, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    ).save_pretrained(str(root / 'model'))
+    return {'data': str(root / 'data'), 'tokenizer': str(root / 'tokenizer'), 'model': str(root / 'model')}
+
+
+def write_yaml(root: Path, paths: dict[str, str], dro: dict) -> Path:
+    eval_loaders = [
+        {
+            'label': d, 'name': 'text', 'drop_last': False, 'num_workers': 0, 'prefetch_factor': None,
+            'persistent_workers': False,
+            'dataset': {'local': f'{paths["data"]}/{d}', 'split': 'val', 'max_seq_len': SEQ_LEN, 'shuffle': False},
+        } for d in DOMAINS
+    ]
+    config = {
+        'run_name': 'dro-test',
+        'seed': 1,
+        'max_seq_len': SEQ_LEN,
+        'model': {'name': 'hf_causal_lm', 'pretrained_model_name_or_path': paths['model'], 'pretrained': False},
+        'tokenizer': {'name': paths['tokenizer'], 'kwargs': {'model_max_length': SEQ_LEN}},
+        'train_loader': {
+            'name': 'dynamic_mixture', 'drop_last': True, 'num_workers': 0,
+            'dataset': {
+                'local': paths['data'], 'domains': DOMAINS, 'proportions': [1, 1, 1], 'max_seq_len': SEQ_LEN,
+                'seed': 5,
+            },
+        },
+        'eval_loaders': eval_loaders,
+        'optimizer': {'name': 'decoupled_adamw', 'lr': 3e-3, 'betas': [0.9, 0.95], 'weight_decay': 0.0},
+        'scheduler': {'name': 'constant_with_warmup', 't_warmup': '0ba'},
+        'global_train_batch_size': 8,
+        'device_train_microbatch_size': 4,
+        'device_eval_batch_size': 4,
+        'max_duration': '6ba',
+        'eval_interval': '1ba',
+        'eval_subset_num_batches': 1,
+        'precision': 'fp32',
+        'progress_bar': False,
+        'log_to_console': False,
+        'python_log_level': None,
+        'save_folder': str(root / 'checkpoints'),
+        'save_interval': '4ba',
+        'callbacks': {'dro_reweight': dro, 'record_mixture': {'out': str(root / 'full')}},
+    }
+    path = root / 'train.yaml'
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_llmfoundry_two_ranks_agree_reweight_and_resume_exactly(tmp_path):
+    """Uninterrupted 6-batch run with a checkpoint at batch 4, then a run resumed from it, in the same 2 processes."""
+    paths = write_fixture(tmp_path)
+    dro = {
+        'domains': DOMAINS, 'update': 'dro', 'rho': 0.1, 'min_prob': 0.2, 'reference_loss': 'dynamic',
+        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 0.5, 'min_fit_points': 4,
+        'history_folder': str(tmp_path / 'dro'),
+    }
+    yaml_path = write_yaml(tmp_path, paths, dro)
+    cmd = [
+        'composer', '-n', '2', '--master_port', str(_free_port()), '--stdout', str(tmp_path / 'stdout{rank}.txt'),
+        '--stderr', str(tmp_path / 'stderr{rank}.txt'), __file__, str(yaml_path), str(tmp_path),
+    ]
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH', '')])}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+
+    runs = {phase: [json.loads((tmp_path / phase / f'rank{r}.json').read_text()) for r in (0, 1)]
+            for phase in ('full', 'resumed')}
+    rank0, rank1 = runs['full']
+    # Both ranks hold the same weights and weight history; updates happened and stayed on the simplex.
+    assert rank0['history'] == rank1['history'] and rank0['weights'] == rank1['weights']
+    assert len(rank0['history']) >= 3
+    for _, weights in rank0['history']:
+        assert min(weights) >= 0 and sum(weights) == pytest.approx(1.0)
+    assert max(abs(w - 1 / 3) for w in rank0['weights']) > 0.01
+
+    # Every global sample index has the domain the replayed schedule gives it; ranks take alternate indices.
+    from drpruning_composer.data.mixture import MixtureSchedule
+
+    schedule = MixtureSchedule([64] * 3, [1, 1, 1], seed=5)
+    schedule.load_state_dict({'seed': 5, 'domain_sizes': [64] * 3, 'history': rank0['history']})
+    expected = schedule.domains(0, 6 * 8)
+    for rank, run in enumerate(runs['full']):
+        domains = [d for batch in run['batches'] for d in batch['domain_idx']]
+        assert domains == expected[rank::2].tolist()
+
+    # The resumed run sees exactly batches 5-6 of the uninterrupted run and ends with the same weights.
+    for rank in (0, 1):
+        after = [b for b in runs['full'][rank]['batches'] if b['batch'] >= 4]
+        assert runs['resumed'][rank]['batches'] == after
+        assert runs['resumed'][rank]['history'] == runs['full'][rank]['history']
+        np.testing.assert_allclose(runs['resumed'][rank]['weights'], runs['full'][rank]['weights'], rtol=1e-6)
+    # One CSV row per evaluation; the resumed run restored the callback's rows and rewrote the same file.
+    assert (tmp_path / 'dro' / 'history.csv').read_text().count('\n') == 1 + 6
+    assert (tmp_path / 'dro' / 'history.png').stat().st_size > 0
+
+
+# ---------------------------------------------------------------- bad input, before training
+
+def _bad_callback_cases():
+    return [
+        (dict(update='adam'), 'update'),
+        (dict(reference_loss=[1.0, 2.0]), 'reference_loss'),
+        (dict(reference_loss=[1.0, -2.0, 1.0]), 'reference_loss'),
+        (dict(reference_loss='learned'), 'reference_loss'),
+        (dict(reference_ratio=[0.5, 0.5]), 'reference_ratio'),
+        (dict(reference_ratio=[0.5, -0.5, 1.0]), 'reference_ratio'),
+        (dict(domains=['noise', 'noise', 'repeat']), 'distinct'),
+        (dict(rho=-0.1), 'rho'),
+    ]
+
+
+@pytest.mark.parametrize('kwargs, message', _bad_callback_cases())
+def test_bad_callback_config_raises(kwargs, message):
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    with pytest.raises(ValueError, match=message):
+        DROReweightCallback(**{'domains': DOMAINS, **kwargs})
+
+
+def test_reference_ratio_not_summing_to_one_is_normalised():
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    with pytest.warns(UserWarning, match='normalising'):
+        callback = DROReweightCallback(domains=DOMAINS, reference_ratio=[2, 1, 1])
+    np.testing.assert_allclose(callback.static_ratio, [0.5, 0.25, 0.25])
+
+
+class _FakeEvaluator:
+    def __init__(self, label):
+        self.label = label
+
+
+class _FakeMetric:
+    def __init__(self, value):
+        self.value = value
+
+    def compute(self):
+        import torch
+
+        return torch.tensor(self.value)
+
+
+@pytest.fixture(scope='module')
+def fake_state(tmp_path_factory):
+    """Just enough of a Composer State for the callback: a dynamic_mixture train loader and eval labels."""
+    from types import SimpleNamespace
+
+    import torch
+    from composer.core import Timestamp
+
+    from drpruning_composer.data.mixture import DynamicMixtureDataset
+
+    mixture = DynamicMixtureDataset(DOMAINS, [range(5)] * 3, [1, 1, 1], max_seq_len=4, seed=0)
+    return SimpleNamespace(
+        train_dataloader=torch.utils.data.DataLoader(mixture),
+        evaluators=[_FakeEvaluator(f'eval/{d}') for d in DOMAINS],
+        eval_metrics={}, algorithms=[], run_name='fake', dataloader_label=None,
+        timestamp=Timestamp(batch=3, sample=12),
+    )
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(domains=['noise', 'count', 'other']), 'dataset.domains'),
+    (dict(domains=['count', 'noise', 'repeat']), 'same order'),
+    (dict(evaluators=['noise', 'count']), r"\['repeat'\] have no eval loader"),
+    (dict(plain_loader=True), 'needs the `dynamic_mixture` train loader'),
+])
+def test_mismatch_with_loaders_raises_at_fit_start(fake_state, change, message):
+    from types import SimpleNamespace
+
+    import torch
+
+    from composer.core import Event
+    from composer.loggers import Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    state = SimpleNamespace(**vars(fake_state))
+    if change.get('plain_loader'):
+        state.train_dataloader = torch.utils.data.DataLoader(list(range(8)))
+    if 'evaluators' in change:
+        state.evaluators = [_FakeEvaluator(f'eval/{d}') for d in change['evaluators']]
+    callback = DROReweightCallback(domains=change.get('domains', DOMAINS), reference_loss=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=message):
+        callback.run_event(Event.FIT_START, state, Logger(state, []))
+
+
+def test_non_finite_loss_skips_update(fake_state, tmp_path):
+    from types import SimpleNamespace
+
+    from composer.core import Event
+    from composer.loggers import InMemoryLogger, Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    state = SimpleNamespace(**vars(fake_state))
+    callback = DROReweightCallback(
+        domains=DOMAINS, reference_loss=[1.0, 1.0, 1.0], history_folder=str(tmp_path / '{run_name}'), plot_interval=0,
+    )
+    in_memory = InMemoryLogger()
+    logger = Logger(state, [in_memory])
+    in_memory.init(state, logger)
+    callback.run_event(Event.FIT_START, state, logger)
+    mixture = state.train_dataloader.dataset
+    before = mixture.weights
+
+    def evaluate(losses):
+        state.eval_metrics = {f'eval/{d}': {'LanguageCrossEntropy': _FakeMetric(v)} for d, v in zip(DOMAINS, losses)}
+        for d in DOMAINS:
+            state.dataloader_label = f'eval/{d}'
+            callback.run_event(Event.EVAL_END, state, logger)
+        callback.run_event(Event.EVAL_AFTER_ALL, state, logger)
+
+    evaluate([2.0, float('nan'), 1.5])
+    np.testing.assert_array_equal(mixture.weights, before)
+    assert in_memory.most_recent_values['dro/skipped_nonfinite'] == 1
+    evaluate([3.0, 1.2, 1.5])
+    assert mixture.weights[0] > before[0]
+    from drpruning_composer.dro.report import read_history_csv
+
+    domains, rows = read_history_csv(str(tmp_path / 'fake' / 'history.csv'))
+    assert domains == DOMAINS and len(rows) == 2
+    assert rows[0]['loss/count'] != rows[0]['loss/count']  # NaN recorded for the skipped update
+    assert [rows[1][f'weight/{d}'] for d in DOMAINS] == pytest.approx(mixture.weights.tolist())
+
+
+def test_train_loss_ema_is_per_domain_token_mean(fake_state):
+    from types import SimpleNamespace
+
+    import torch
+    from composer.core import Event
+    from composer.devices import DeviceCPU
+    from composer.loggers import Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    callback = DROReweightCallback(domains=DOMAINS, reference_loss=[1.0, 1.0, 1.0], use_train_loss_ema=True,
+                                   ema_decay=0.5)
+    state = SimpleNamespace(**vars(fake_state), device=DeviceCPU())
+    logger = Logger(state, [])
+    torch.manual_seed(0)
+    expected_sum, expected_count = np.zeros(3), np.zeros(3)
+    for domains in ([0, 0, 2], [2, 0, 0]):  # two microbatches of one batch; domain 1 absent
+        labels = torch.randint(0, 8, (3, 5))
+        labels[0, 3] = -100
+        logits = torch.randn(3, 5, 8)
+        state.batch = {'labels': labels, 'domain_idx': torch.tensor(domains)}
+        state.outputs = {'logits': logits}
+        callback.run_event(Event.AFTER_LOSS, state, logger)
+        for row, d in enumerate(domains):
+            token_loss = torch.nn.functional.cross_entropy(logits[row, :-1], labels[row, 1:], ignore_index=-100,
+                                                           reduction='sum')
+            expected_sum[d] += float(token_loss)
+            expected_count[d] += int((labels[row, 1:] != -100).sum())
+    callback.run_event(Event.BATCH_END, state, logger)
+    np.testing.assert_allclose(callback.train_loss_ema[[0, 2]], (expected_sum / np.maximum(expected_count, 1))[[0, 2]])
+    assert np.isnan(callback.train_loss_ema[1])
+
+
+# ---------------------------------------------------------------- worker (run under `composer -n 2`)
+
+def _worker(yaml_path: str, root: str) -> None:
+    from composer.core import Callback, Event, State
+    from composer.loggers import Logger
+    from composer.utils import dist
+    from llmfoundry import registry
+    from llmfoundry.command_utils import train_from_yaml
+
+    from drpruning_composer.registry import register_components
+
+    class RecordMixture(Callback):
+        """Records each training batch's domains and first tokens; dumps them with the mixture state at the end."""
+
+        def __init__(self, out: str):
+            self.out = out
+            self.batches = []
+
+        def run_event(self, event: Event, state: State, logger: Logger) -> None:
+            if event == Event.AFTER_DATALOADER:
+                self.batches.append({
+                    'batch': int(state.timestamp.batch),
+                    'domain_idx': state.batch['domain_idx'].tolist(),
+                    'first_tokens': state.batch['input_ids'][:, 0].tolist(),
+                })
+            elif event == Event.FIT_END:
+                mixture = state.train_dataloader.dataset
+                record = {
+                    'batches': self.batches,
+                    'history': mixture.schedule.state_dict()['history'],
+                    'weights': mixture.weights.tolist(),
+                }
+                os.makedirs(self.out, exist_ok=True)
+                Path(self.out, f'rank{dist.get_global_rank()}.json').write_text(json.dumps(record))
+
+    register_components()
+    registry.callbacks.register('record_mixture', func=RecordMixture)
+    train_from_yaml(yaml_path, [])
+    train_from_yaml(yaml_path, [
+        f'load_path={root}/checkpoints/ep0-ba4-rank0.pt', 'save_folder=null',
+        f'callbacks.record_mixture.out={root}/resumed',
+    ])
+
+
+if __name__ == '__main__':
+    _worker(sys.argv[1], sys.argv[2])

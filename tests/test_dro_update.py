@@ -1,0 +1,82 @@
+"""DRO, Sheared-LLaMA and reference-ratio updates: simplex, chi-square constraint, floors, monotonicity."""
+
+import numpy as np
+import pytest
+
+from drpruning_composer.dro.update import chi_square_divergence, drift_ratio, dro_step, sheared_step
+
+
+def _random_cases(n: int = 300):
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        k = int(rng.integers(2, 8))
+        yield (
+            rng.normal(2.5, 0.5, k), rng.normal(2.3, 0.5, k), rng.dirichlet(np.ones(k)),
+            float(rng.uniform(1e-3, 1.0)), float(rng.uniform(0.0, 0.5)),
+        )
+
+
+def test_dro_step_on_simplex_meets_constraint_and_floor():
+    reached = 0
+    for losses, refs, p, rho, min_prob in _random_cases():
+        q = dro_step(losses, refs, p, rho, min_prob)
+        assert np.all(q >= 0) and q.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(q / p >= min_prob - 1e-12)
+        divergence = chi_square_divergence(q, p)
+        assert divergence <= rho * (1 + 1e-6) + 1e-12
+        if divergence < rho * (1 - 1e-6):
+            # The ball is larger than the most concentrated mixture: that mixture is the answer.
+            np.testing.assert_allclose(q, dro_step(losses, refs, p, 1e9, min_prob), atol=1e-9)
+        else:
+            reached += 1
+        # More excess loss never gets a smaller ratio q/p.
+        order = np.argsort(losses - refs)
+        assert np.all(np.diff((q / p)[order]) >= -1e-9)
+    assert reached > 100  # the constraint is active (and met) in most cases
+
+
+def test_dro_step_moves_weight_to_excess_domain():
+    p = np.array([0.5, 0.3, 0.2])
+    q = dro_step(losses=[2.0, 3.0, 2.0], ref_losses=[2.0, 2.0, 2.0], ref_ratio=p, rho=0.05, min_prob=0.2)
+    assert q[1] > p[1] and q[0] < p[0] and q[2] < p[2]
+    assert chi_square_divergence(q, p) == pytest.approx(0.05, rel=1e-6)
+    assert q[0] / p[0] == pytest.approx(q[2] / p[2])  # equal excess, equal ratio
+
+
+def test_dro_step_equal_excess_or_zero_radius_keeps_ratio():
+    p = np.array([0.2, 0.8])
+    np.testing.assert_allclose(dro_step([3.0, 2.0], [2.0, 1.0], p, 0.5, 0.1), p)
+    np.testing.assert_allclose(dro_step([3.0, 2.0], [1.0, 1.0], p, 0.0, 0.1), p)
+
+
+def test_sheared_step_exponentiated_update():
+    w = np.array([0.25, 0.25, 0.5])
+    new = sheared_step([3.0, 2.0, 2.0], [2.0, 2.5, 2.0], w, lr=1.0, smoothing=1e-4)
+    expected = w * np.exp([1.0, 0.0, 0.0])
+    expected = (1 - 1e-4) * expected / expected.sum() + 1e-4 / 3
+    np.testing.assert_allclose(new, expected)
+
+
+def test_drift_ratio_moves_toward_weights_within_band():
+    p0 = np.array([0.25, 0.25, 0.5])
+    moved = drift_ratio(p0, [0.4, 0.2, 0.4], delta=0.5, initial_ratio=p0, band=0.5)
+    np.testing.assert_allclose(moved, [0.325, 0.225, 0.45])
+    ratio = p0
+    for _ in range(50):
+        ratio = drift_ratio(ratio, [0.98, 0.01, 0.01], delta=0.5, initial_ratio=p0, band=0.2)
+        assert ratio.sum() == pytest.approx(1.0)
+        assert np.all(ratio >= 0.8 * p0 - 1e-9) and np.all(ratio <= 1.2 * p0 + 1e-9)
+    assert ratio[0] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(rho=-1.0), 'rho'),
+    (dict(min_prob=1.0), 'min_prob'),
+    (dict(losses=[1.0, float('nan')]), 'finite'),
+    (dict(ref_ratio=[0.5, 0.3, 0.2]), 'same length'),
+])
+def test_dro_step_rejects_bad_input(kwargs, message):
+    args = dict(losses=[1.0, 2.0], ref_losses=[1.0, 1.0], ref_ratio=[0.5, 0.5], rho=0.1, min_prob=0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        dro_step(**args)

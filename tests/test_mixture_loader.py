@@ -1,0 +1,175 @@
+"""dynamic_mixture loader: per-domain permutations, exact resume across weight changes, workers, bad config."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+from drpruning_composer.data.mixture import MixtureSchedule, build_dynamic_mixture_dataloader
+
+DOMAINS = ['alpha', 'beta', 'gamma']
+SIZES = [40, 25, 10]
+SEQ_LEN = 8
+BATCH = 4
+
+
+def _token(domain: int, sample: int) -> int:
+    return 10 + 1000 * domain + sample
+
+
+def write_domains(root, sizes=SIZES, domains=DOMAINS, seq_len=SEQ_LEN):
+    """MDS folders {root}/{domain}/train whose every token encodes (domain, sample index)."""
+    from streaming import MDSWriter
+
+    for d, (name, n) in enumerate(zip(domains, sizes)):
+        with MDSWriter(out=str(root / name / 'train'), columns={'tokens': 'ndarray:int32'}) as writer:
+            for i in range(n):
+                writer.write({'tokens': np.full(seq_len, _token(d, i), dtype=np.int32)})
+    return root
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {'<pad>': 0, '<eos>': 1, '<unk>': 2}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token='<unk>')), pad_token='<pad>', eos_token='<eos>',
+        unk_token='<unk>',
+    )
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp('mixture'))
+
+
+def build(root, num_workers=0, **dataset):
+    cfg = {'local': str(root), 'domains': DOMAINS, 'proportions': [0.5, 0.3, 0.2], 'max_seq_len': SEQ_LEN, 'seed': 3}
+    cfg.update(dataset)
+    return build_dynamic_mixture_dataloader(
+        tiny_tokenizer(), BATCH, cfg, drop_last=True, num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+    ).dataloader
+
+
+def decode(batch):
+    """(domain, sample) of every row, checked against the batch's domain_idx and labels."""
+    ids = batch['input_ids']
+    domains = (ids[:, 0] - 10) // 1000
+    assert torch.equal(domains, batch['domain_idx'])
+    assert torch.equal(batch['labels'], ids)  # as the `text` loader: labels = input_ids, no padding
+    return [(int(d), int(t) - 10 - 1000 * int(d)) for d, t in zip(domains, ids[:, 0])]
+
+
+def test_domain_samples_are_permutations_and_history_replays():
+    schedule = MixtureSchedule(SIZES, [0.2, 0.2, 0.6], seed=1)
+    seen, draws = {d: [] for d in range(3)}, []
+    for g in range(400):
+        if g == 150:
+            schedule.set_weights([0.6, 0.3, 0.1])
+        draws.append(schedule.draw())
+        index, domain, sample = draws[-1]
+        assert index == g
+        seen[domain].append(sample)
+    for d, samples in seen.items():
+        full = len(samples) // SIZES[d]
+        assert full >= 1
+        for epoch in range(full):  # every exhausted pass is a permutation, the next pass a fresh one
+            assert sorted(samples[epoch * SIZES[d]:(epoch + 1) * SIZES[d]]) == list(range(SIZES[d]))
+    assert seen[2][:10] != seen[2][10:20]
+    replay = MixtureSchedule(SIZES, [0.2, 0.2, 0.6], seed=1)
+    replay.load_state_dict(schedule.state_dict())
+    replay.seek(237)
+    np.testing.assert_array_equal(replay.drawn, np.bincount(schedule.domains(0, 237), minlength=3))
+    assert [replay.draw() for _ in range(163)] == draws[237:]
+    domains = schedule.domains(0, 400)
+    assert domains.tolist() == [domain for _, domain, _ in draws]  # vectorised replay == sequential draws
+    assert np.mean(domains[:150] == 2) > 0.45 and np.mean(domains[150:] == 0) > 0.45
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_exact_resume_across_weight_changes(data_root, num_workers):
+    def run(loader, first_batch, stop, changes, checkpoint_at=None):
+        dataset, batches, state = loader.dataset, {}, None
+        for b, batch in zip(range(first_batch, stop), loader):
+            batches[b] = decode(batch)
+            if b + 1 in changes:
+                dataset.set_weights(changes[b + 1])
+            if b + 1 == checkpoint_at:
+                state = dataset.state_dict((b + 1) * BATCH, True)
+        return batches, state
+
+    changes = {3: [0.05, 0.05, 0.9], 7: [0.8, 0.1, 0.1]}
+    full, state = run(build(data_root, num_workers), 0, 12, changes, checkpoint_at=5)
+    assert state['history'][1][0] >= 3 * BATCH and len(state['history']) == 2
+
+    resumed_loader = build(data_root, num_workers)
+    resumed_loader.dataset.load_state_dict(state)
+    resumed, _ = run(resumed_loader, 5, 12, {7: changes[7]})
+    assert resumed == {b: full[b] for b in range(5, 12)}
+    domains = [d for b in range(9 if num_workers == 0 else 11, 12) for d, _ in full[b]]
+    assert domains.count(0) >= len(domains) // 2  # the last change took effect
+
+
+def test_resume_inside_a_later_epoch(data_root):
+    """Composer checkpoints samples consumed in the current epoch; epochs end with train_subset_num_batches."""
+    loader = build(data_root)
+    first_epoch = iter(loader)
+    for _ in range(3):
+        next(first_epoch)
+    second_epoch = iter(loader)
+    next(second_epoch)
+    loader.dataset.set_weights([0.1, 0.1, 0.8])
+    next(second_epoch)
+    state = loader.dataset.state_dict(2 * BATCH, True)
+    expected = [decode(next(second_epoch)) for _ in range(3)]
+
+    resumed = build(data_root)
+    resumed.dataset.load_state_dict(state)
+    resumed_epoch = iter(resumed)
+    assert [decode(next(resumed_epoch)) for _ in range(3)] == expected
+
+
+def test_state_dict_is_weights_only_loadable(data_root, tmp_path):
+    loader = build(data_root)
+    next(iter(loader))
+    loader.dataset.set_weights([1, 1, 2])
+    torch.save(loader.dataset.state_dict(4, True), tmp_path / 's.pt')
+    state = torch.load(tmp_path / 's.pt', weights_only=True)
+    assert state['num_samples'] == 4 and state['epoch_start'] == 0
+    assert state['history'][-1] == [4, [0.25, 0.25, 0.5]]
+
+
+def test_num_workers_2_sees_weight_change(data_root):
+    loader = build(data_root, num_workers=2)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    first_index = loader.dataset.set_weights([0.0, 0.0, 1.0])
+    # Samples already handed to workers (prefetch: 2 workers x 2 batches) keep the old weights.
+    assert 3 * BATCH <= first_index <= (3 + 2 * 2) * BATCH
+    rows = [row for _ in range(8) for row in decode(next(it))]
+    after = rows[first_index - 3 * BATCH:]
+    assert len(after) >= 4 * BATCH and all(d == 2 for d, _ in after)
+    assert any(d != 2 for d, _ in rows[:first_index - 3 * BATCH]) or first_index == 3 * BATCH
+
+
+@pytest.mark.parametrize('dataset, message', [
+    ({'domains': ['alpha', 'delta', 'gamma']}, "domain 'delta'"),
+    ({'proportions': [0.5, 0.5]}, 'dataset.proportions'),
+    ({'proportions': [0.5, -0.1, 0.6]}, 'dataset.proportions'),
+    ({'domains': ['alpha', 'alpha', 'gamma']}, 'distinct'),
+])
+def test_bad_config_raises(data_root, dataset, message):
+    with pytest.raises(ValueError, match=message):
+        build(data_root, **dataset)
+
+
+def test_proportions_are_normalised_with_warning(data_root):
+    with pytest.warns(UserWarning, match='normalising'):
+        loader = build(data_root, proportions=[2, 1, 1])
+    np.testing.assert_allclose(loader.dataset.weights, [0.5, 0.25, 0.25])

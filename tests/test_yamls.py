@@ -1,0 +1,81 @@
+"""Every shipped YAML loads, resolves, names only registered components and known keys, and its pruning target
+is valid for its source model; every MCLI launch file passes MCLI's offline validation. Nothing is run."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf as om
+
+from conftest import REPO
+from drpruning_composer.config_check import check_components
+from drpruning_composer.data.demo_corpus import tiny_llama_config
+
+# Published Hugging Face configs of the source models (the fields pruning needs).
+LLAMA2_7B = {'model_type': 'llama', 'hidden_size': 4096, 'num_hidden_layers': 32, 'num_attention_heads': 32,
+             'num_key_value_heads': 32, 'intermediate_size': 11008, 'vocab_size': 32000}
+LLAMA31_8B = {'model_type': 'llama', 'hidden_size': 4096, 'num_hidden_layers': 32, 'num_attention_heads': 32,
+              'num_key_value_heads': 8, 'intermediate_size': 14336, 'vocab_size': 128256}
+CLUSTER = {'prune_1.3b.yaml': (LLAMA2_7B, (24, 2048, 16, 16, 5504)),
+           'prune_2.7b.yaml': (LLAMA2_7B, (32, 2560, 20, 20, 6912)),
+           'prune_llama3_8b_to_3b.yaml': (LLAMA31_8B, (28, 3072, 24, 8, 8192))}
+FIELDS = ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads', 'intermediate_size')
+ALL_YAMLS = sorted(p.relative_to(REPO / 'yamls').as_posix() for p in (REPO / 'yamls').rglob('*.yaml'))
+
+
+def _load(name: str):
+    cfg = om.load(REPO / 'yamls' / name)
+    om.resolve(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize('name', ALL_YAMLS)
+def test_yaml_keys_and_components(name):
+    from llmfoundry.utils.config_utils import TRAIN_CONFIG_KEYS
+
+    cfg = _load(name)
+    assert set(cfg) <= set(TRAIN_CONFIG_KEYS), f'unknown top-level keys {set(cfg) - set(TRAIN_CONFIG_KEYS)}'
+    check_components(cfg)
+    labels = [loader.label for loader in cfg.eval_loader]
+    if 'dro_reweight' in (cfg.get('callbacks') or {}):
+        from drpruning_composer import DROReweightCallback
+
+        dro = cfg.callbacks.dro_reweight
+        DROReweightCallback(**om.to_container(dro))
+        assert list(dro.domains) == labels == list(cfg.train_loader.dataset.domains)
+
+
+@pytest.mark.parametrize('name', sorted(CLUSTER))
+def test_cluster_pruning_target_matches_source(name):
+    from drpruning_composer import L0MaskAlgorithm
+
+    cfg = _load(name)
+    source, expected = CLUSTER[name]
+    target = dict(cfg.algorithms.l0_mask.target)
+    assert tuple(target[f] for f in FIELDS) == expected
+    L0MaskAlgorithm(**om.to_container(cfg.algorithms.l0_mask)).resolve(source)
+    assert cfg.precision == 'amp_bf16' and cfg.fsdp_config.sharding_strategy == 'FULL_SHARD'
+    assert cfg.fsdp_config.use_orig_params  # the mask / multiplier param groups need it under FSDP1
+
+
+def test_demo_pruning_halves_the_source():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from drpruning_composer import L0MaskAlgorithm
+    from drpruning_composer.evaluate import non_embedding_params
+
+    source = tiny_llama_config(512, 0, 1)
+    cfg = _load('demo/prune.yaml')
+    L0MaskAlgorithm(**om.to_container(cfg.algorithms.l0_mask)).resolve(source)
+    target = {**source, **cfg.algorithms.l0_mask.target}
+    size = {k: non_embedding_params(LlamaForCausalLM(LlamaConfig(**c))) for k, c in (('s', source), ('t', target))}
+    assert 0.4 < size['t'] / size['s'] < 0.6, size
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'launch').glob('*.yaml')), ids=lambda p: p.name)
+def test_mcli_launch_file_validates(path: Path):
+    from mcli.api.runs import RunConfig
+    from mcli.models.run_config import FinalRunConfig
+
+    run = FinalRunConfig.finalize_config(RunConfig.from_file(str(path)))
+    yaml = path.name
+    assert f'yamls/{yaml}' in run.command and (REPO / 'yamls' / yaml).is_file()
