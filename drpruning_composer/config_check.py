@@ -114,11 +114,32 @@ def check_model_paths(cfg: DictConfig) -> None:
             raise ConfigError(f'{key}: "{path}" is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it')
 
 
+def check_dro(cfg: DictConfig) -> None:
+    """`dro_reweight` domains must be the mixture's domains, each with an eval loader labelled by it."""
+    dro = (cfg.get('callbacks') or {}).get('dro_reweight')
+    if dro is None:
+        return
+    domains = list(dro.get('domains') or [])
+    dataset = (cfg.get('train_loader') or {}).get('dataset') or {}
+    if cfg.train_loader.get('name') != 'dynamic_mixture':
+        raise ConfigError('callbacks.dro_reweight: needs train_loader.name: dynamic_mixture, '
+                          f'got {cfg.train_loader.get("name")!r}')
+    if list(dataset.get('domains') or []) != domains:
+        raise ConfigError(f'callbacks.dro_reweight.domains: {domains} must equal train_loader.dataset.domains '
+                          f'{list(dataset.get("domains") or [])} (same names, same order)')
+    if not dro.get('use_train_loss_ema', False):
+        labels = {str(loader.get('label')) for _, loader in _eval_loaders(cfg)}
+        missing = [d for d in domains if d not in labels]
+        if missing:
+            raise ConfigError(f'callbacks.dro_reweight.domains: {missing} have no eval_loader with that label')
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first problem found in a resolved training config."""
     check_components(cfg)
     check_model_paths(cfg)
     check_data(cfg)
+    check_dro(cfg)
 
 
 def load_and_check(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:

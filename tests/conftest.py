@@ -22,3 +22,13 @@ def tiny_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('demo')
     build(out, chars_per_domain=200_000, vocab_size=512, max_seq_len=64, model_overrides=TINY_MODEL)
     return out
+TINY_TARGET = {'num_hidden_layers': 1, 'hidden_size': 48, 'num_attention_heads': 2, 'num_key_value_heads': 1,
+               'intermediate_size': 64}
+
+
+def tiny_prune_overrides(demo: Path, save_folder: Path) -> list[str]:
+    """yamls/demo/prune.yaml shrunk to the tiny fixture (random-init source): a few seconds per batch at most."""
+    return [f'variables.demo={demo}', 'variables.max_seq_len=64', f'variables.source_model={demo}/tiny_llama',
+            'model.pretrained=false', f'variables.save_folder={save_folder}', 'global_train_batch_size=4',
+            'eval_subset_num_batches=1', 'eval_interval=2ba', *(f'algorithms.l0_mask.target.{k}={v}'
+                                                                for k, v in TINY_TARGET.items())]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAINS, REPO
+from conftest import DOMAINS, REPO, tiny_prune_overrides
 from drpruning_composer.config_check import ConfigError, check_config, load_and_check
 
 PRETRAIN = str(REPO / 'yamls' / 'demo' / 'pretrain.yaml')
@@ -68,6 +68,21 @@ def test_missing_eval_data_names_the_loader(tiny_demo):
         check_config(cfg)
 
 
+PRUNE = str(REPO / 'yamls' / 'demo' / 'prune.yaml')
+
+
+def test_dro_domain_mismatch_fails_before_training(tiny_demo):
+    base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama']
+    with pytest.raises(ConfigError, match=r'^callbacks.dro_reweight.domains: .* must equal train_loader.dataset'):
+        load_and_check(PRUNE, [*base, 'callbacks.dro_reweight.domains=[c_headers,prose,python,recs]'])
+    with pytest.raises(ConfigError, match=r'^train_loader.dataset.local: data folder .*/data/code/train does not'):
+        load_and_check(PRUNE, [*base, 'variables.domains=[c_headers,prose,python,code]'])
+    cfg = load_and_check(PRUNE, base)
+    del cfg.eval_loader[3]
+    with pytest.raises(ConfigError, match=r"^callbacks.dro_reweight.domains: \['records'\] have no eval_loader"):
+        check_config(cfg)
+
+
 def test_bad_model_id_offline(tiny_demo, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(ConfigError, match='^model.pretrained_model_name_or_path: .*HF_HUB_OFFLINE'):
@@ -80,3 +95,23 @@ def test_train_py_stops_before_training_on_bad_config(tiny_demo):
     assert proc.returncode == 2
     assert 'config error: callbacks.typo_monitor: no callback named "typo_monitor"' in proc.stderr
     assert 'Starting training' not in proc.stdout + proc.stderr
+
+
+def test_plain_llmfoundry_train_finds_components_by_entry_point(tiny_demo, tmp_path):
+    """No train.py: llm-foundry's own CLI resolves l0_mask, dynamic_mixture and dro_reweight from entry points."""
+    import csv
+
+    save = tmp_path / 'prune'
+    args = [str(REPO / 'yamls/demo/prune.yaml'), *tiny_prune_overrides(tiny_demo, save), 'max_duration=4ba',
+            'device_train_microbatch_size=4', 'save_interval=4ba', 'console_log_interval=1ba',
+            'callbacks.dro_reweight.reference_loss=[1.0,1.0,1.0,1.0]', 'callbacks.dro_reweight.reference_ratio=null']
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
+    proc = subprocess.run(['llmfoundry', 'train', *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert 'loss/train/lagrangian' in out and (save / 'pruned_hf' / 'config.json').is_file()
+    rows = list(csv.DictReader(open(save / 'dro' / 'history.csv')))
+    weights = [[float(r[f'weight/{d}']) for d in DOMAINS] for r in rows]
+    assert len(weights) == 2 and all(abs(sum(w) - 1) < 1e-6 for w in weights)
+    assert weights[-1] != [0.25] * 4  # a static reference loss lets DRO move the mixture at once
