@@ -44,7 +44,11 @@ def _read(path: Path, max_chars: int) -> str | None:
 
 
 def _files(root: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in root.rglob(pattern) if p.is_file()) if root.is_dir() else []
+    """Sorted matching files, leaving out this package's own metadata (it embeds the README, which changes)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob(pattern) if p.is_file() and not any(
+        part.startswith(('drpruning_composer', '__editable__')) for part in p.relative_to(root).parts))
 
 
 def python_docs() -> Iterator[str]:
