@@ -21,14 +21,14 @@ import json
 import logging
 import os
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from drpruning_composer.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,7 @@ def prepare(
             raise PrepareError(f'domain "{name}": source {src} does not exist')
     tokenizer = load_tokenizer(tokenizer_path)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         manifest: dict = {
             'max_seq_len': max_seq_len, 'seed': seed, 'val_fraction': val_fraction,
             'eos_token_id': tokenizer.eos_token_id, 'vocab_size': len(tokenizer), 'domains': {},
@@ -208,12 +206,6 @@ def prepare(
             manifest['domains'][name] = entry
             log.info('domain "%s": %s', name, entry)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + '\n')
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

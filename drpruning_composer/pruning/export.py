@@ -7,9 +7,7 @@ columns. CLI: `drpruning-export CKPT OUT` reads a monolithic Composer checkpoint
 import argparse
 import json
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
+from drpruning_composer.atomic import atomic_directory
 from drpruning_composer.pruning.masks import target_gates
 from drpruning_composer.pruning.structure import SUPPORTED_MODEL_TYPES, ModelShape, resolve_target
 
@@ -145,18 +144,6 @@ def pruned_config(source_config: Mapping[str, Any], target: ModelShape, dtype: t
     return AutoConfig.for_model(model_type, **fields)
 
 
-def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:
-        raise FileExistsError(f'export: {out} exists (pass overwrite to replace it)')
-    old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old)
-
-
 def export_pruned_model(state_dict: Mapping[str, torch.Tensor], source_config: Mapping[str, Any],
                         target: Mapping[str, int], out_dir: str | os.PathLike, tokenizer: Any = None,
                         overwrite: bool = False) -> Path:
@@ -173,20 +160,13 @@ def export_pruned_model(state_dict: Mapping[str, torch.Tensor], source_config: M
     config = pruned_config(source_config, target_shape, dtype)
     if config.tie_word_embeddings:
         compact.pop('lm_head.weight', None)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f'.{out.name}.tmp-{uuid.uuid4().hex[:8]}')
-    try:
-        tmp.mkdir()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in compact.items()}, tmp / 'model.safetensors',
                   metadata={'format': 'pt'})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def _algorithm_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
