@@ -116,6 +116,8 @@ def check_model_paths(cfg: DictConfig) -> None:
 
 def check_dro(cfg: DictConfig) -> None:
     """`dro_reweight` domains must be the mixture's domains, each with an eval loader labelled by it."""
+    from drpruning_composer.dro.callback import check_domains
+
     dro = (cfg.get('callbacks') or {}).get('dro_reweight')
     if dro is None:
         return
@@ -124,14 +126,11 @@ def check_dro(cfg: DictConfig) -> None:
     if cfg.train_loader.get('name') != 'dynamic_mixture':
         raise ConfigError('callbacks.dro_reweight: needs train_loader.name: dynamic_mixture, '
                           f'got {cfg.train_loader.get("name")!r}')
-    if list(dataset.get('domains') or []) != domains:
-        raise ConfigError(f'callbacks.dro_reweight.domains: {domains} must equal train_loader.dataset.domains '
-                          f'{list(dataset.get("domains") or [])} (same names, same order)')
-    if not dro.get('use_train_loss_ema', False):
-        labels = {str(loader.get('label')) for _, loader in _eval_loaders(cfg)}
-        missing = [d for d in domains if d not in labels]
-        if missing:
-            raise ConfigError(f'callbacks.dro_reweight.domains: {missing} have no eval_loader with that label')
+    labels = [str(loader.get('label')) for _, loader in _eval_loaders(cfg)]
+    try:
+        check_domains(domains, list(dataset.get('domains') or []), labels, bool(dro.get('use_train_loss_ema', False)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_config(cfg: DictConfig) -> None:

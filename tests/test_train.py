@@ -79,7 +79,7 @@ def test_dro_domain_mismatch_fails_before_training(tiny_demo):
         load_and_check(PRUNE, [*base, 'variables.domains=[c_headers,prose,python,code]'])
     cfg = load_and_check(PRUNE, base)
     del cfg.eval_loader[3]
-    with pytest.raises(ConfigError, match=r"^callbacks.dro_reweight.domains: \['records'\] have no eval_loader"):
+    with pytest.raises(ConfigError, match=r"^callbacks.dro_reweight.domains: \['records'\] have no eval loader"):
         check_config(cfg)
 
 

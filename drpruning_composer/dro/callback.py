@@ -40,6 +40,21 @@ def expected_num_params(state: State) -> float | None:
     return None
 
 
+def check_domains(domains: Sequence[str], mixture_domains: Sequence[str], eval_labels: Sequence[str],
+                  use_train_loss_ema: bool) -> None:
+    """Raise ValueError unless `domains` are the mixture's domains, in order, each with an eval loader of that label.
+
+    Shared by the callback (at FIT_START) and `train.py`'s pre-flight check of the YAML.
+    """
+    if list(mixture_domains) != list(domains):
+        raise ValueError(f'callbacks.dro_reweight.domains: {list(domains)} must equal train_loader.dataset.domains '
+                         f'{list(mixture_domains)} (same names, same order)')
+    missing = [d for d in domains if d not in set(eval_labels)]
+    if missing and not use_train_loss_ema:
+        raise ValueError(f'callbacks.dro_reweight.domains: {missing} have no eval loader; add an eval_loader with '
+                         f'`label: <domain>` for each (found labels {sorted(eval_labels)})')
+
+
 def _check_vector(values: Any, n: int, key: str) -> list[float]:
     if not isinstance(values, (list, tuple)) or len(values) != n:
         raise ValueError(f'`{key}` must be a list with one number per domain ({n}), got {values!r}')
@@ -162,19 +177,8 @@ class DROReweightCallback(Callback):
 
     def _validate(self, state: State) -> None:
         mixture = self._mixture(state)
-        if mixture.domains != self.domains:
-            raise ValueError(
-                f'callbacks.dro_reweight.domains {self.domains} must equal the train loader\'s dataset.domains '
-                f'{mixture.domains} (same names, same order)',
-            )
-        if not self.use_train_loss_ema:
-            labels = {evaluator.label for evaluator in state.evaluators}
-            missing = [d for d in self.domains if f'eval/{d}' not in labels]
-            if missing:
-                raise ValueError(
-                    f'callbacks.dro_reweight: domains {missing} have no eval loader; add an eval_loader with '
-                    f'`label: <domain>` for each (found labels {sorted(labels)})',
-                )
+        labels = [e.label[len('eval/'):] for e in state.evaluators if e.label.startswith('eval/')]
+        check_domains(self.domains, mixture.domains, labels, self.use_train_loss_ema)
         if self.initial_ratio is None:
             self.initial_ratio = mixture.weights
             self.ratio = self.static_ratio.copy() if self.static_ratio is not None else mixture.weights
