@@ -79,7 +79,7 @@ def dro_step(
         return _clamped_ratio(np.maximum(e - eta, 0.0), p, min_prob)
 
     def divergence_at(eta: float) -> float:
-        return 0.5 * float(np.sum(p * (ratio_at(eta) - 1.0) ** 2))
+        return chi_square_divergence(p * ratio_at(eta), p)
 
     # Divergence grows with eta: it tends to 0 for eta -> -inf and is largest just below max(e).
     top = float(e[support].max())
