@@ -1,26 +1,44 @@
 """Train, prune or continue a model with drpruning-composer: ``composer train.py YAML [key=value ...]``.
 
-The run is built by llm-foundry (`train_from_yaml`) with this project's components registered; the YAML is
-checked first so that a wrong component name, data folder or model path fails before any work starts.
+The run is built by llm-foundry (`train_from_yaml`) with this project's components registered. Before that, the
+YAML is checked so that a wrong component name, data folder or model path fails before any work starts, and a run
+with `autoresume: true` gets its save_folder ready to resume from the newest complete checkpoint.
+
+Option: --allow-no-autoresume runs a YAML that saves checkpoints without `autoresume: true`.
 """
 
+import os
 import sys
 
-from drpruning_composer.config_check import ConfigError, load_and_check
+from drpruning_composer.config_check import ConfigError, check_resume, load_and_check
 from drpruning_composer.registry import register_components
+from drpruning_composer.resume import prepare_resume
+
+ALLOW_NO_AUTORESUME = '--allow-no-autoresume'
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print(__doc__)
         return 0 if argv else 2
+    allow_no_autoresume = ALLOW_NO_AUTORESUME in argv
+    argv = [a for a in argv if a != ALLOW_NO_AUTORESUME]
     register_components()
     yaml_path, overrides = argv[0], argv[1:]
     try:
-        load_and_check(yaml_path, overrides)
+        cfg = load_and_check(yaml_path, overrides)
+        warning = check_resume(cfg, allow_no_autoresume)
     except ConfigError as e:
         print(f'train.py: config error: {e}', file=sys.stderr)
         return 2
+    if warning:
+        print(f'train.py: warning: {warning}', file=sys.stderr)
+    save_folder = cfg.get('save_folder')
+    # One process per node repairs the folder; the others cannot pass distributed init before it is done.
+    if cfg.get('autoresume') and '://' not in str(save_folder) and os.environ.get('LOCAL_RANK', '0') == '0':
+        resume_from = prepare_resume(str(save_folder).replace('{run_name}', str(cfg.get('run_name'))))
+        print(f'train.py: resuming from {resume_from}' if resume_from else 'train.py: no checkpoint to resume from',
+              file=sys.stderr)
     from llmfoundry.command_utils import train_from_yaml
 
     train_from_yaml(yaml_path, overrides)

@@ -128,3 +128,22 @@ def test_invalid_target_fails_before_training(target, match):
 def test_missing_required_mask_fails_before_training():
     with pytest.raises(ValueError, match=r"l0_mask.masks lacks \['hidden'\]"):
         _trainer(L0MaskAlgorithm(target={'hidden_size': 16}, masks=['layer']), '1ba')
+
+
+def test_gate_noise_is_keyed_by_seed_rank_batch_and_microbatch():
+    """Training gates depend on (seed, rank, batch, microbatch) only, not on the global RNG: resumes replay them."""
+    from drpruning_composer.pruning.masks import L0Masks
+    from drpruning_composer.pruning.structure import BiasLayout, ModelShape, resolve_target
+
+    source = ModelShape.from_config(LlamaConfig(**CONFIG))
+    masks = L0Masks(source, resolve_target(source, TARGET), ['head', 'intermediate', 'hidden'], BiasLayout())
+
+    def draw(*key: int, microbatches: int = 1) -> list[torch.Tensor]:
+        masks.key_noise(*key)
+        torch.manual_seed(len(key) + microbatches)  # the global RNG must not matter
+        return [masks()['intermediate'].clone() for _ in range(microbatches)]
+
+    first, second = draw(17, 0, 5, microbatches=2)
+    assert torch.equal(first, draw(17, 0, 5)[0]) and not torch.equal(first, second)
+    assert not torch.equal(first, draw(17, 1, 5)[0]) and not torch.equal(first, draw(17, 0, 6)[0])
+    assert 0 < first.mean() < 1

@@ -78,6 +78,7 @@ class L0MaskAlgorithm(Algorithm):
             self._attach(state)
         elif event == Event.BEFORE_TRAIN_BATCH:
             self.masks.warmup_progress.fill_(self._warmup_progress(state))
+            self.masks.key_noise(state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch))
         elif event == Event.AFTER_LOSS:
             self._add_lagrangian(state)
         elif event == Event.AFTER_TRAIN_BATCH:

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from drpruning_composer.pruning.hard_concrete import keep_probability, sample_gates, soft_gates, top_k_gates
+from drpruning_composer.pruning.hard_concrete import (keep_probability, keyed_generator, sample_gates, soft_gates,
+                                                      top_k_gates)
 from drpruning_composer.pruning.structure import (MASK_TYPES, BiasLayout, ModelShape, expected_non_embedding_params,
                                                   kept_per_row, mask_shapes, target_sparsities)
 
@@ -70,6 +71,8 @@ class L0Masks(nn.Module):
         self.register_buffer('warmup_progress', torch.zeros((), device=device), persistent=False)
         self.reset_parameters()
         self.gates: dict[str, torch.Tensor] = {}
+        self.noise_key: tuple[int, ...] | None = None
+        self._keyed_forwards = 0
         self.lagrangian: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
 
@@ -85,6 +88,22 @@ class L0Masks(nn.Module):
         """The gates of `name` for the current forward, or None when that mask type is not active."""
         return self.gates.get(name)
 
+    def key_noise(self, *key: int) -> None:
+        """Draw the gate noise of the next training forwards from generators keyed by (key, forward number).
+
+        The algorithm keys it by (seed, rank, batch) before each batch, so the n-th microbatch of a batch always gets
+        the same noise: a resumed run repeats the uninterrupted one exactly (Composer does not restore the global
+        RNG when the train loader resumes itself, as `dynamic_mixture` does). Without a key the global RNG is used.
+        """
+        self.noise_key = tuple(int(k) for k in key)
+        self._keyed_forwards = 0
+
+    def _noise_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.noise_key is None:
+            return None
+        self._keyed_forwards += 1
+        return keyed_generator((*self.noise_key, self._keyed_forwards - 1), device)
+
     def current_target_sparsity(self, name: str) -> torch.Tensor:
         """Target sparsity after linear warm-up."""
         return self.warmup_progress * self.final_sparsity[name]
@@ -92,7 +111,8 @@ class L0Masks(nn.Module):
     def forward(self) -> dict[str, torch.Tensor]:
         """Draw this forward's gates; in training also build the Lagrangian. Returns the gates."""
         if self.training:
-            self.gates = {name: sample_gates(p) for name, p in self.log_alpha.items()}
+            generator = self._noise_generator(next(iter(self.log_alpha.values())).device) if self.active else None
+            self.gates = {name: sample_gates(p, generator) for name, p in self.log_alpha.items()}
         elif self.eval_mode == 'soft':
             self.gates = {name: soft_gates(p) for name, p in self.log_alpha.items()}
         else:
