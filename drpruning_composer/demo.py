@@ -73,7 +73,8 @@ def report(out: Path, timings: dict[str, float]) -> dict:
     rows = evaluate([str(p) for p in found.values()], str(out / 'data'))
     for name, row in zip(found, rows):
         row['model'] = name
-    print('\n== per-domain validation loss (first 64 val samples per domain)')
+    counts = ', '.join(f'{d} {n}' for d, n in rows[0]['samples'].items())
+    print(f'\n== per-domain validation loss (whole val splits: {counts} samples)')
     print(format_table(rows))
     print('\n== wall time per stage (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()))
     result = {'timings_s': timings, 'corpus': manifest['domains'], 'losses': rows, 'dro_history': trajectories}

@@ -1,7 +1,8 @@
 """Per-domain validation loss of Hugging Face model folders on prepared MDS data.
 
 ``python -m drpruning_composer.evaluate --data DATA MODEL [MODEL ...]`` prints one row per model and one column
-per domain (mean next-token cross-entropy over the first `--max-samples` val samples), plus the parameter count,
+per domain (mean next-token cross-entropy over the whole val split, or its first `--max-samples` samples), plus the
+parameter count,
 and can write the table as JSON. It loads models with plain `transformers`, so it also checks that an exported
 model is a valid Hugging Face folder.
 """
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 
-def read_split(data: str | Path, domain: str, split: str, max_samples: int) -> np.ndarray:
-    """The first `max_samples` token rows of one domain's split (uncompressed MDS), as int64 [n, seq]."""
+def read_split(data: str | Path, domain: str, split: str, max_samples: int | None = None) -> np.ndarray:
+    """The first `max_samples` token rows (all if None) of one domain's split (uncompressed MDS), int64 [n, seq]."""
     from streaming.base.format import reader_from_json
 
     root = Path(data) / domain / split
@@ -29,7 +30,7 @@ def read_split(data: str | Path, domain: str, split: str, max_samples: int) -> n
         shard = reader_from_json(str(root.parent), split, shard_info)
         for i in range(shard.samples):
             rows.append(shard[i]['tokens'])
-            if len(rows) >= max_samples:
+            if max_samples is not None and len(rows) >= max_samples:
                 return np.stack(rows).astype(np.int64)
     return np.stack(rows).astype(np.int64)
 
@@ -56,7 +57,7 @@ def domain_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int = 16
 
 
 def evaluate(models: Sequence[str], data: str, domains: Sequence[str] | None = None,
-             max_samples: int = 64) -> list[dict]:
+             max_samples: int | None = None) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     manifest = json.loads((Path(data) / 'manifest.json').read_text())
@@ -67,6 +68,7 @@ def evaluate(models: Sequence[str], data: str, domains: Sequence[str] | None = N
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
         losses = {d: domain_loss(model, tokens[d]) for d in domains}
         rows.append({'model': str(path), 'non_embedding_params': non_embedding_params(model), 'loss': losses,
+                     'samples': {d: len(tokens[d]) for d in domains},
                      'mean_loss': float(np.mean(list(losses.values()))),
                      'worst_loss': float(max(losses.values()))})
     return rows
@@ -89,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('models', nargs='+', help='Hugging Face model folders')
     p.add_argument('--data', required=True, help='prepared data folder (with manifest.json)')
     p.add_argument('--domains', nargs='*', default=None)
-    p.add_argument('--max-samples', type=int, default=64)
+    p.add_argument('--max-samples', type=int, default=None, help='first N val samples per domain (default: all)')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
     args = p.parse_args(argv)
     torch.manual_seed(0)

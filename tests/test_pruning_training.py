@@ -51,7 +51,7 @@ def _trainer(algorithm: L0MaskAlgorithm, max_duration: str, num_batches: int = 8
     recorder = RecordLosses()
     trainer = Trainer(model=model, train_dataloader=_dataloader(num_batches), max_duration=max_duration,
                       optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=1e-5),
-                      algorithms=[algorithm], callbacks=[recorder], device='cpu', precision='fp32', seed=17,
+                      algorithms=[algorithm], callbacks=[recorder, *kwargs.pop('callbacks', [])], device='cpu', precision='fp32', seed=17,
                       progress_bar=False, log_to_console=False, **kwargs)
     return trainer, recorder
 
@@ -147,3 +147,49 @@ def test_gate_noise_is_keyed_by_seed_rank_batch_and_microbatch():
     assert torch.equal(first, draw(17, 0, 5)[0]) and not torch.equal(first, second)
     assert not torch.equal(first, draw(17, 1, 5)[0]) and not torch.equal(first, draw(17, 0, 6)[0])
     assert 0 < first.mean() < 1
+
+
+def test_per_layer_penalty_is_zero_exactly_when_every_row_meets_the_target():
+    from drpruning_composer.pruning.masks import lagrangian
+
+    one, zero = torch.ones(1), torch.zeros(1)
+    on_target = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    spreads = [torch.tensor([0.5 - d, 0.5 + d, 0.5 - d, 0.5 + d]) for d in (0.05, 0.1, 0.2)]
+    assert lagrangian(on_target, 0.5, zero, one).item() == 0.0
+    quadratic = [lagrangian(rows, 0.5, zero, one).item() for rows in spreads]
+    assert 0 < quadratic[0] < quadratic[1] < quadratic[2]  # same mean sparsity, growing spread
+    assert lagrangian(spreads[0].mean().view(1), 0.5, zero, one).item() == pytest.approx(0.0, abs=1e-12)
+    assert lagrangian(spreads[2], 0.3, one, zero).item() == pytest.approx(0.2)  # the linear term sees the mean
+
+
+def test_hard_finish_trains_the_exported_model_with_frozen_masks(tmp_path):
+    """In the hard finish the masks and multipliers stop moving, and the masked model is the exported model."""
+    algorithm = _algorithm(hard_finish='3ba', export_dir=str(tmp_path / 'export'))
+    logger = InMemoryLogger()
+    snapshots = []
+
+    class Snapshot(Callback):
+        def run_event(self, event: Event, state: State, logger: Logger) -> None:
+            if event == Event.BATCH_END:
+                snapshots.append(_mask_state(trainer))
+
+    trainer, _ = _trainer(algorithm, '6ba', loggers=[logger], callbacks=[Snapshot()])
+    trainer.fit()
+    assert [value for _, value in logger.data['l0/hard_finish']] == [0, 0, 0, 1, 1, 1]
+    assert not all(torch.equal(snapshots[1][k], snapshots[2][k]) for k in snapshots[1])  # masks learn before
+    for later in snapshots[3:]:
+        assert all(torch.equal(snapshots[2][k], later[k]) for k in later)  # and are frozen after
+    masked = trainer.state.model.model.eval()
+    export = AutoModelForCausalLM.from_pretrained(tmp_path / 'export', torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, CONFIG['vocab_size'], (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(masked(ids).logits, export(ids).logits, atol=1e-4, rtol=0)
+    assert export.config.num_hidden_layers == TARGET['num_hidden_layers']
+    assert algorithm.expected_num_params() == pytest.approx(
+        sum(p.numel() for n, p in export.named_parameters() if 'embed' not in n and 'lm_head' not in n))
+
+
+def test_hard_finish_in_another_unit_than_max_duration_fails_before_training():
+    trainer, _ = _trainer(_algorithm(hard_finish='8sp'), '6ba')
+    with pytest.raises(ValueError, match='l0_mask.hard_finish'):
+        trainer.fit()

@@ -24,6 +24,16 @@ from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TY
                                                   required_masks, resolve_target)
 
 
+CONSTRAINTS = ('per_layer', 'global')
+
+
+def _parse_time(key: str, value: str) -> Time:
+    try:
+        return Time.from_timestring(value)
+    except ValueError as e:
+        raise ValueError(f'l0_mask.{key}: {e}') from e
+
+
 def _find_hf_model(model: torch.nn.Module) -> tuple[str, PreTrainedModel]:
     """The Hugging Face model inside a Composer model, with its state_dict key prefix."""
     for name, module in model.named_modules():
@@ -44,11 +54,18 @@ class L0MaskAlgorithm(Algorithm):
         eval_mode: 'soft' evaluates the current noise-free masks, 'target' the exact top-k target model.
         export_dir: if set, the pruned Hugging Face model is written there at FIT_END.
         init_log_alpha: initial mask logit (about +5: all gates on).
+        hard_finish: Composer time string: for this last part of training (e.g. '60ba', or '0.2dur' of max_duration)
+            every forward, train and eval, uses the exact target masks, frozen (masks and multipliers get lr 0).
+            The weights adapt to the model that is exported, and the evaluations DRO reads measure that model.
+            '0ba' turns it off (`bench/export_fidelity.py` measures the difference).
+        constraint: 'per_layer' (the quadratic penalty averages (s - t)^2 over the rows the export's top-k acts on:
+            each layer's heads and MLP channels, each KV group's query heads) or 'global' ((mean s - t)^2).
     """
 
     def __init__(self, target: dict[str, int], masks: Sequence[str] | None = None, lagrangian_warmup: str = '0ba',
                  mask_lr: float = 0.1, lagrangian_lr: float = 0.1, eval_mode: str = 'soft',
-                 export_dir: str | None = None, init_log_alpha: float = 5.0):
+                 export_dir: str | None = None, init_log_alpha: float = 5.0, hard_finish: str = '0.2dur',
+                 constraint: str = 'per_layer'):
         check_target_fields(target)
         if masks is not None:
             unknown = sorted(set(masks) - set(MASK_TYPES))
@@ -56,29 +73,41 @@ class L0MaskAlgorithm(Algorithm):
                 raise ValueError(f'l0_mask.masks: unknown mask types {unknown}; choose from {MASK_TYPES}')
         if eval_mode not in EVAL_MODES:
             raise ValueError(f'l0_mask.eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}')
-        try:
-            self.warmup = Time.from_timestring(lagrangian_warmup)
-        except ValueError as e:
-            raise ValueError(f'l0_mask.lagrangian_warmup: {e}') from e
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f'l0_mask.constraint must be one of {CONSTRAINTS}, got {constraint!r}')
+        self.warmup = _parse_time('lagrangian_warmup', lagrangian_warmup)
+        self.hard_finish = _parse_time('hard_finish', hard_finish)
+        if self.hard_finish.unit not in (TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN, TimeUnit.DURATION):
+            raise ValueError(f'l0_mask.hard_finish must be in ba, sp, tok or dur, got {hard_finish!r}')
+        if self.hard_finish.unit == TimeUnit.DURATION and self.hard_finish.value > 1:
+            raise ValueError(f'l0_mask.hard_finish: at most 1dur, got {hard_finish!r}')
         self.hparams = {
             'target': dict(target), 'masks': None if masks is None else list(masks),
             'lagrangian_warmup': lagrangian_warmup, 'mask_lr': mask_lr, 'lagrangian_lr': lagrangian_lr,
             'eval_mode': eval_mode, 'export_dir': export_dir, 'init_log_alpha': init_log_alpha,
+            'hard_finish': hard_finish, 'constraint': constraint,
         }
+        self._mask_groups: tuple[int, int] | None = None
         self.masks: L0Masks | None = None
         self.source_config: dict[str, Any] | None = None
         self.model_prefix: str | None = None
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.AFTER_TRAIN_BATCH,
-                         Event.FIT_END)
+        return event in (Event.INIT, Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS,
+                         Event.AFTER_TRAIN_BATCH, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self._attach(state)
+        elif event == Event.FIT_START:
+            self._hard_finish_start(state)  # validates hard_finish against max_duration before the first batch
         elif event == Event.BEFORE_TRAIN_BATCH:
             self.masks.warmup_progress.fill_(self._warmup_progress(state))
             self.masks.key_noise(state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch))
+            self.masks.hard = self._in_hard_finish(state)
+            if self.masks.hard:  # freeze masks and multipliers (the scheduler resets lr after each step)
+                for index in self._mask_groups:
+                    state.optimizers[0].param_groups[index]['lr'] = 0.0
         elif event == Event.AFTER_LOSS:
             self._add_lagrangian(state)
         elif event == Event.AFTER_TRAIN_BATCH:
@@ -111,10 +140,12 @@ class L0MaskAlgorithm(Algorithm):
         source, target, active = self.resolve(hf_model.config)
         device = next(hf_model.parameters()).device
         self.masks = L0Masks(source, target, active, bias_layout(hf_model), self.hparams['init_log_alpha'],
-                             self.hparams['eval_mode'], device=device)
+                             self.hparams['eval_mode'], device=device,
+                             per_row_constraint=self.hparams['constraint'] == 'per_layer')
         attach_masks(hf_model, self.masks)
         self.source_config = json.loads(hf_model.config.to_json_string(use_diff=False))
         optimizer = state.optimizers[0]
+        self._mask_groups = (len(optimizer.param_groups), len(optimizer.param_groups) + 1)
         optimizer.add_param_group({'params': list(self.masks.log_alpha.parameters()),
                                    'lr': self.hparams['mask_lr'], 'initial_lr': self.hparams['mask_lr'],
                                    'weight_decay': 0.0})
@@ -132,13 +163,35 @@ class L0MaskAlgorithm(Algorithm):
             done = state.timestamp.get(self.warmup.unit).value
         return min(1.0, done / self.warmup.value)
 
+    def _hard_finish_start(self, state: State) -> float | None:
+        """Where the hard finish starts, in max_duration's unit (a fraction for 'dur'); None without one."""
+        if self.hard_finish.value == 0:
+            return None
+        if self.hard_finish.unit == TimeUnit.DURATION:
+            return 1.0 - self.hard_finish.value
+        if state.max_duration is None or state.max_duration.unit != self.hard_finish.unit:
+            raise ValueError(f"l0_mask.hard_finish={self.hparams['hard_finish']!r} must be in the unit of "
+                             f'max_duration ({state.max_duration}), or in dur')
+        return state.max_duration.value - self.hard_finish.value
+
+    def _in_hard_finish(self, state: State) -> bool:
+        start = self._hard_finish_start(state)
+        if start is None:
+            return False
+        if self.hard_finish.unit == TimeUnit.DURATION:
+            elapsed = state.get_elapsed_duration()
+            return elapsed is not None and elapsed.value >= start
+        return state.timestamp.get(self.hard_finish.unit).value >= start
+
     def _add_lagrangian(self, state: State) -> None:
+        """Add the Lagrangian to the loss, as the `lagrangian` entry of a loss dict (0 during the hard finish)."""
+        loss = state.loss
+        total = (loss['total'] if 'total' in loss else sum(loss.values())) if isinstance(loss, dict) else loss
         lagrangian = self.masks.pop_lagrangian()
         if lagrangian is None:
-            return
-        loss = state.loss
+            lagrangian = torch.zeros_like(total)
+        lagrangian = lagrangian.reshape(total.shape)
         if isinstance(loss, dict):
-            total = loss['total'] if 'total' in loss else sum(loss.values())
             state.loss = {**loss, 'total': total + lagrangian, 'lagrangian': lagrangian}
         else:
             state.loss = {'lm': loss, 'lagrangian': lagrangian, 'total': loss + lagrangian}
@@ -165,8 +218,9 @@ class L0MaskAlgorithm(Algorithm):
         return {'hparams': dict(self.hparams), 'source_config': self.source_config, 'model_prefix': self.model_prefix}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Check that the run resumes with the same target; mask state itself lives in the model."""
-        for key in ('target', 'masks'):
-            if state['hparams'][key] != self.hparams[key]:
-                raise ValueError(f'l0_mask.{key}={self.hparams[key]!r} differs from the checkpoint '
-                                 f"({state['hparams'][key]!r})")
+        """Check that the run resumes with the same target and schedule; mask state itself lives in the model."""
+        defaults = {'hard_finish': '0ba', 'constraint': 'global'}  # checkpoints written before these options
+        for key in ('target', 'masks', 'hard_finish', 'constraint'):
+            saved = state['hparams'].get(key, defaults.get(key))
+            if saved != self.hparams[key]:
+                raise ValueError(f'l0_mask.{key}={self.hparams[key]!r} differs from the checkpoint ({saved!r})')

@@ -39,18 +39,24 @@ def target_gates(log_alpha: Mapping[str, torch.Tensor], target: ModelShape) -> d
     }
 
 
-def lagrangian(sparsity: torch.Tensor, target: torch.Tensor | float, lambda_1: torch.Tensor,
+def lagrangian(row_sparsity: torch.Tensor, target: torch.Tensor | float, lambda_1: torch.Tensor,
                lambda_2: torch.Tensor) -> torch.Tensor:
-    """lambda_1 (s - t) + lambda_2 (s - t)^2, with the multipliers' gradient reversed (they are maximised)."""
-    gap = sparsity - target
-    return _ReverseGradient.apply(lambda_1) * gap + _ReverseGradient.apply(lambda_2) * gap**2
+    """lambda_1 mean(s_r - t) + lambda_2 mean((s_r - t)^2) over rows r, multipliers' gradient reversed (maximised).
+
+    A row is what the final top-k acts on (a layer's heads or MLP channels, a KV group's query heads; the whole mask
+    for layer and hidden masks). The quadratic term is zero exactly when every row meets the target, so it pushes
+    each row to the count that the export keeps, not only their mean (as the reference implementation does).
+    """
+    gap = row_sparsity - target
+    return (_ReverseGradient.apply(lambda_1) * gap.mean() + _ReverseGradient.apply(lambda_2) * (gap**2).mean()).view(1)
 
 
 class L0Masks(nn.Module):
     """Hard-concrete gates for the active mask types plus one pair of Lagrange multipliers per type."""
 
     def __init__(self, source: ModelShape, target: ModelShape, active: Sequence[str], bias: BiasLayout,
-                 init_log_alpha: float = 5.0, eval_mode: str = 'soft', device: torch.device | str | None = None):
+                 init_log_alpha: float = 5.0, eval_mode: str = 'soft', device: torch.device | str | None = None,
+                 per_row_constraint: bool = True):
         super().__init__()
         unknown = sorted(set(active) - set(MASK_TYPES))
         if unknown:
@@ -61,6 +67,9 @@ class L0Masks(nn.Module):
         self.active = [name for name in MASK_TYPES if name in active]
         self.init_log_alpha = init_log_alpha
         self.eval_mode = eval_mode
+        self.per_row_constraint = per_row_constraint
+        # Set by the algorithm: while True, every forward (train and eval) uses the exact target masks.
+        self.hard = False
         self.final_sparsity = {name: target_sparsities(source, target)[name] for name in self.active}
         shapes = mask_shapes(source)
         self.log_alpha = nn.ParameterDict(
@@ -109,21 +118,25 @@ class L0Masks(nn.Module):
         return self.warmup_progress * self.final_sparsity[name]
 
     def forward(self) -> dict[str, torch.Tensor]:
-        """Draw this forward's gates; in training also build the Lagrangian. Returns the gates."""
-        if self.training:
+        """Draw this forward's gates; in training also build the Lagrangian. Returns the gates.
+
+        While `hard`, the gates are the exact target masks (binary, not differentiable) and there is no Lagrangian:
+        the model trains and evaluates as the one that will be exported.
+        """
+        if self.hard or (not self.training and self.eval_mode == 'target'):
+            self.gates = target_gates(dict(self.log_alpha.items()), self.target)
+        elif self.training:
             generator = self._noise_generator(next(iter(self.log_alpha.values())).device) if self.active else None
             self.gates = {name: sample_gates(p, generator) for name, p in self.log_alpha.items()}
-        elif self.eval_mode == 'soft':
-            self.gates = {name: soft_gates(p) for name, p in self.log_alpha.items()}
         else:
-            self.gates = target_gates(dict(self.log_alpha.items()), self.target)
-        keep = {name: keep_probability(p) for name, p in self.log_alpha.items()}
+            self.gates = {name: soft_gates(p) for name, p in self.log_alpha.items()}
+        keep = self.gates if self.hard else {name: keep_probability(p) for name, p in self.log_alpha.items()}
         sparsity = {name: 1.0 - k.mean() for name, k in keep.items()}
-        if self.training:
-            terms = [
-                lagrangian(sparsity[n], self.current_target_sparsity(n), self.lambda_1[n], self.lambda_2[n])
-                for n in self.active
-            ]
+        self.lagrangian = None
+        if self.training and not self.hard:
+            rows = {n: 1.0 - keep[n].mean(-1) if self.per_row_constraint else sparsity[n] for n in self.active}
+            terms = [lagrangian(rows[n], self.current_target_sparsity(n), self.lambda_1[n], self.lambda_2[n])
+                     for n in self.active]
             self.lagrangian = torch.cat(terms).sum() if terms else None
         with torch.no_grad():
             self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias)}
@@ -141,4 +154,5 @@ class L0Masks(nn.Module):
         """Loggable values of the last forward: expected sizes and sparsities, and current targets."""
         out = {f'l0/{key}': float(value) for key, value in self.stats.items()}
         out.update({f'l0/target_sparsity/{name}': float(self.current_target_sparsity(name)) for name in self.active})
+        out['l0/hard_finish'] = float(self.hard)
         return out

@@ -1,0 +1,197 @@
+"""Method quality: the same pruning job under each data-mixing rule, over several seeds, judged on the exports.
+
+For every rule and seed it runs `composer train.py` on the demo's pruning recipe (rewritten for the data folder's
+domains; with `--continue`, then continued pretraining of the export) and evaluates the exported model on the
+**whole** val split of every domain. It prints, as mean +- standard error over seeds: per-domain loss, mean loss,
+worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
+time; then the same metrics as per-seed differences against `constant` (paired by seed, which removes the seed noise
+that dominates unpaired comparisons). It writes `results.json` and `results.png` (per-domain bars with error bars,
+and the weight trajectories of the first seed) under `--out`.
+
+Rules: `constant` (the reference ratio, fixed), `uniform` (equal weights, fixed), `sheared` (Sheared-LLaMA's dynamic
+batch loading), `dro` (DRPruning: chi-square DRO step, dynamic reference loss and ratio). The reference ratio is the
+data folder's natural token proportions unless `--proportions` gives it.
+
+    python bench/method_quality.py                                   # the demo's data and source, 3 seeds
+    python bench/method_quality.py --data DIR --source MODEL --rules constant dro --seeds 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipes import domains_of, ensure_demo, recipe, train  # noqa: E402
+
+RULES = ('constant', 'uniform', 'sheared', 'dro')
+METRICS = ('mean_loss', 'worst_loss', 'worst_degradation', 'wall_s')
+QUICK = ['max_duration=6ba', 'eval_interval=2ba', 'save_interval=6ba', 'eval_subset_num_batches=1',
+         'global_train_batch_size=4', 'device_train_microbatch_size=4', 'algorithms.l0_mask.lagrangian_warmup=2ba',
+         'callbacks.dro_reweight.min_fit_points=4']
+
+
+def natural_proportions(data: Path) -> list[float]:
+    """Train-token share of each domain, as `drpruning-prepare` counted it."""
+    manifest = json.loads((data / 'manifest.json').read_text())['domains']
+    tokens = np.array([manifest[d]['train']['tokens'] for d in domains_of(data)], dtype=np.float64)
+    return (tokens / tokens.sum()).tolist()
+
+
+def rule_overrides(rule: str, proportions: list[float]) -> list[str]:
+    weights = [1.0 / len(proportions)] * len(proportions) if rule == 'uniform' else proportions
+    update = 'constant' if rule == 'uniform' else rule
+    return [f'train_loader.dataset.proportions={json.dumps(weights)}', f'callbacks.dro_reweight.update={update}']
+
+
+def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: Path, proportions: list[float],
+            overrides: list[str]) -> dict:
+    """Prune (and continue) under one rule and seed; returns the export's folder, wall time and weight history."""
+    from drpruning_composer.dro.report import read_history_csv
+
+    save = (args.out / f'{rule}-seed{seed}').resolve()
+    common = [*rule_overrides(rule, proportions), f'variables.seed={seed}', 'save_overwrite=true', *overrides]
+    start = time.perf_counter()
+    if not (args.reuse and (save / 'pruned_hf' / 'config.json').is_file()):
+        train(recipe('prune.yaml', data, source, save, [*common, f'run_name={rule}-seed{seed}']), save / 'prune.log')
+    model, history = save / 'pruned_hf', save / 'dro' / 'history.csv'
+    if args.continue_pretraining:
+        cont = save / 'continue'
+        if not (args.reuse and (cont / 'huggingface' / 'model' / 'config.json').is_file()):
+            train(recipe('continue.yaml', data, model, cont, [*common, f'run_name={rule}-seed{seed}-continue']),
+                  cont / 'continue.log')
+        model, history = cont / 'huggingface' / 'model', cont / 'dro' / 'history.csv'
+    _, rows = read_history_csv(str(history))
+    return {'model': str(model), 'wall_s': time.perf_counter() - start, 'history': rows}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan with fewer than 2 values)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float('nan')
+
+
+def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float]) -> dict:
+    """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`."""
+    for seeds in runs.values():
+        for r in seeds.values():
+            r['worst_degradation'] = max(r['loss'][d] / source_loss[d] for d in source_loss)
+    summary = {}
+    for rule, seeds in runs.items():
+        entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS}
+        entry['loss'] = {d: mean_se([r['loss'][d] for r in seeds.values()]) for d in source_loss}
+        if rule != 'constant' and 'constant' in runs:
+            paired = [s for s in seeds if s in runs['constant']]
+            entry['minus_constant'] = {m: mean_se([seeds[s][m] - runs['constant'][s][m] for s in paired])
+                                       for m in METRICS if m != 'wall_s'}
+        summary[rule] = entry
+    return summary
+
+
+def _pm(value: tuple[float, float], digits: int = 4) -> str:
+    return f'{value[0]:.{digits}f}+-{value[1]:.{digits}f}'
+
+
+def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: dict[str, int]) -> None:
+    print(f'\n== exported models, whole val splits ({", ".join(f"{d} {samples[d]}" for d in domains)} samples), '
+          f'mean +- s.e. over {num_seeds} seeds')
+    head = f"{'rule':<9} " + ' '.join(f'{d:>16}' for d in domains) + \
+        f" {'mean loss':>16} {'worst loss':>16} {'worst degr.':>16} {'wall s':>10}"
+    print(head + '\n' + '-' * len(head))
+    for rule, e in summary.items():
+        print(f'{rule:<9} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
+              + f" {_pm(e['mean_loss']):>16} {_pm(e['worst_loss']):>16} {_pm(e['worst_degradation']):>16}"
+              + f" {_pm(e['wall_s'], 0):>10}")
+    print('\n== paired by seed: rule - constant (mean +- s.e. of the per-seed differences; < 0 is better)')
+    for rule, e in summary.items():
+        if 'minus_constant' in e:
+            print(f'{rule:<9} ' + '  '.join(f'{m} {_pm(v)}' for m, v in e['minus_constant'].items()))
+
+
+def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    dynamic = [r for r in runs if r in ('sheared', 'dro')]
+    fig, axes = plt.subplots(1, 1 + len(dynamic), figsize=(6 + 5 * len(dynamic), 4.5))
+    axes = np.atleast_1d(axes)
+    width = 0.8 / len(summary)
+    for i, (rule, e) in enumerate(summary.items()):
+        x = np.arange(len(domains)) + i * width
+        axes[0].bar(x, [e['loss'][d][0] for d in domains], width, yerr=[e['loss'][d][1] for d in domains],
+                    label=rule, capsize=3)
+    axes[0].set_xticks(np.arange(len(domains)) + 0.4 - width / 2, domains)
+    lows = [e['loss'][d][0] for e in summary.values() for d in domains]
+    axes[0].set_ylim(min(lows) * 0.95, max(lows) * 1.03)
+    axes[0].set_ylabel('val loss of the export')
+    axes[0].legend()
+    for ax, rule in zip(axes[1:], dynamic):
+        rows = next(iter(runs[rule].values()))['history']
+        for d in domains:
+            ax.plot([r['batch'] for r in rows], [r[f'weight/{d}'] for r in rows], label=d)
+        ax.set_title(f'{rule}: domain weights (first seed)')
+        ax.set_xlabel('batch')
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--demo', type=Path, default=Path('runs/bench_demo'),
+                   help='demo folder whose data and pretrained source are used (built if absent)')
+    p.add_argument('--data', type=Path)
+    p.add_argument('--source', type=Path)
+    p.add_argument('--out', type=Path, default=Path('runs/method_quality'))
+    p.add_argument('--rules', nargs='+', default=['constant', 'sheared', 'dro'], choices=RULES)
+    p.add_argument('--seeds', nargs='+', type=int, default=[17, 18, 19])
+    p.add_argument('--proportions', nargs='+', type=float, help='reference ratio (default: natural proportions)')
+    p.add_argument('--continue', dest='continue_pretraining', action='store_true',
+                   help='also continue pretraining each export (yamls/demo/continue.yaml) and judge that model')
+    p.add_argument('--quick', action='store_true', help='a few batches per run: a smoke test, not a measurement')
+    p.add_argument('--override', action='append', default=[], help='YAML override for every run (repeatable)')
+    p.add_argument('--reuse', action='store_true', help='keep finished runs under --out')
+    args = p.parse_args(argv)
+    from drpruning_composer.evaluate import evaluate, read_split
+
+    data, source = (args.data.resolve(), args.source.resolve()) if args.data and args.source else ensure_demo(
+        args.demo.resolve())
+    domains = domains_of(data)
+    proportions = args.proportions or natural_proportions(data)
+    if len(proportions) != len(domains):
+        p.error(f'--proportions needs one value per domain {domains}')
+    overrides = (QUICK if args.quick else []) + args.override
+    args.out.mkdir(parents=True, exist_ok=True)
+    source_loss = evaluate([str(source)], str(data), max_samples=None)[0]['loss']
+    runs: dict[str, dict[int, dict]] = {}
+    for seed in args.seeds:  # seed-major: an interrupted benchmark has every rule for the seeds it finished
+        for rule in args.rules:
+            print(f'== {rule}, seed {seed}', flush=True)
+            run = run_one(rule, seed, args, data, source, proportions, overrides)
+            run.update(evaluate([run['model']], str(data), max_samples=None)[0])
+            runs.setdefault(rule, {})[seed] = run
+    summary = summarise(runs, source_loss)
+    samples = {d: len(read_split(data, d, 'val')) for d in domains}
+    print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))
+    print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
+    print_summary(summary, domains, len(args.seeds), samples)
+    result = {'data': str(data), 'source': str(source), 'proportions': proportions, 'seeds': args.seeds,
+              'overrides': overrides, 'samples': samples, 'source_loss': source_loss, 'summary': summary,
+              'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
+    (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
+    plot(args.out / 'results.png', summary, runs, domains)
+    print(f'\nwrote {args.out / "results.json"} and {args.out / "results.png"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The benchmarks' smoke modes on the tiny fixture: every run, seed and domain reported; exports of the target shape."""
+
+import json
+import subprocess
+import sys
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from conftest import DOMAINS, REPO
+
+TINY_TARGET = {'num_hidden_layers': 1, 'hidden_size': 48, 'num_attention_heads': 2, 'num_key_value_heads': 1,
+               'intermediate_size': 64}
+
+
+def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_path):
+    source = tmp_path / 'source'
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_demo / 'tiny_llama').save_pretrained(source)
+    out = tmp_path / 'out'
+    overrides = ['variables.max_seq_len=64', *(f'algorithms.l0_mask.target.{k}={v}' for k, v in TINY_TARGET.items())]
+    cmd = [sys.executable, 'bench/method_quality.py', '--quick', '--data', str(tiny_demo / 'data'), '--source',
+           str(source), '--out', str(out), '--rules', 'constant', 'dro', '--seeds', '1', '2',
+           *(f'--override={o}' for o in overrides)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / 'results.json').read_text())
+    assert set(result['runs']) == {'constant', 'dro'} and (out / 'results.png').stat().st_size > 0
+    for rule, seeds in result['runs'].items():
+        assert set(seeds) == {'1', '2'}
+        for run in seeds.values():
+            assert set(run['loss']) == set(DOMAINS)
+            config = AutoConfig.from_pretrained(run['model'])
+            assert {k: getattr(config, k) for k in TINY_TARGET} == TINY_TARGET
+    assert set(result['summary']['dro']['minus_constant']) == {'mean_loss', 'worst_loss', 'worst_degradation'}
+    assert 'paired by seed' in proc.stdout
