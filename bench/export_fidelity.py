@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import domains_of, ensure_demo, recipe, train  # noqa: E402
 
-VARIANTS = {
-    'global': ['algorithms.l0_mask.constraint=global'],
-    'per_layer': ['algorithms.l0_mask.constraint=per_layer'],
+VARIANTS = {  # every option named, so that the variants do not move with the defaults
+    'global': ['algorithms.l0_mask.constraint=global', 'algorithms.l0_mask.hard_finish=0ba'],
+    'per_layer': ['algorithms.l0_mask.constraint=per_layer', 'algorithms.l0_mask.hard_finish=0ba'],
     'global+hard_finish': ['algorithms.l0_mask.constraint=global', 'algorithms.l0_mask.hard_finish=0.2dur'],
     'per_layer+hard_finish': ['algorithms.l0_mask.constraint=per_layer', 'algorithms.l0_mask.hard_finish=0.2dur'],
 }
