@@ -12,9 +12,26 @@ import sys
 
 from drpruning_composer.config_check import ConfigError, check_resume, load_and_check
 from drpruning_composer.registry import register_components
-from drpruning_composer.resume import prepare_resume
+from drpruning_composer.resume import DEFAULT_SAVE_FILENAME, prepare_resume
 
 ALLOW_NO_AUTORESUME = '--allow-no-autoresume'
+
+
+def _prepare_resume(cfg) -> None:
+    """Ready a local save_folder to resume from its newest complete checkpoint (names as llm-foundry sets them)."""
+    save_folder = str(cfg.save_folder)
+    if '://' in save_folder:
+        return
+    if (cfg.get('save_filename') or DEFAULT_SAVE_FILENAME) != DEFAULT_SAVE_FILENAME:
+        print('train.py: warning: custom save_filename; the save_folder is not checked for unfinished checkpoints',
+              file=sys.stderr)
+        return
+    sharded = (cfg.get('fsdp_config') or {}).get('state_dict_type', 'full') == 'sharded'
+    latest = cfg.get('save_latest_filename') or ('latest-sharded-rank{rank}' if sharded else 'latest-rank{rank}.pt')
+    run_name = cfg.get('run_name') or os.environ.get('RUN_NAME', '')
+    resume_from = prepare_resume(save_folder.replace('{run_name}', run_name), latest.replace('{rank}', '0'))
+    print(f'train.py: resuming from {resume_from}' if resume_from else 'train.py: no checkpoint to resume from',
+          file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:
@@ -33,12 +50,9 @@ def main(argv: list[str]) -> int:
         return 2
     if warning:
         print(f'train.py: warning: {warning}', file=sys.stderr)
-    save_folder = cfg.get('save_folder')
     # One process per node repairs the folder; the others cannot pass distributed init before it is done.
-    if cfg.get('autoresume') and '://' not in str(save_folder) and os.environ.get('LOCAL_RANK', '0') == '0':
-        resume_from = prepare_resume(str(save_folder).replace('{run_name}', str(cfg.get('run_name'))))
-        print(f'train.py: resuming from {resume_from}' if resume_from else 'train.py: no checkpoint to resume from',
-              file=sys.stderr)
+    if cfg.get('autoresume') and os.environ.get('LOCAL_RANK', '0') == '0':
+        _prepare_resume(cfg)
     from llmfoundry.command_utils import train_from_yaml
 
     train_from_yaml(yaml_path, overrides)

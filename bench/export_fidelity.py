@@ -57,7 +57,8 @@ def load_masked_model(checkpoint: Path):
     hparams = algorithm['hparams']
     source, target, active = L0MaskAlgorithm(target=hparams['target'], masks=hparams['masks']).resolve(config)
     masks = L0Masks(source, target, active, bias_layout(model))
-    masks.end_gates = 'soft' if Time.from_timestring(hard_finish).value == 0 else 'target'
+    ends_on_target = Time.from_timestring(hard_finish).value > 0 or hparams['eval_mode'] == 'target'
+    masks.end_gates = 'target' if ends_on_target else 'soft'
     attach_masks(model, masks)
     prefix = algorithm['model_prefix']
     model.load_state_dict({k[len(prefix):]: v for k, v in state['state']['model'].items() if k.startswith(prefix)})

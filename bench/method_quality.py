@@ -52,23 +52,29 @@ def rule_overrides(rule: str, proportions: list[float]) -> list[str]:
 
 def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: Path, proportions: list[float],
             overrides: list[str]) -> dict:
-    """Prune (and continue) under one rule and seed; returns the export's folder, wall time and weight history."""
+    """Prune (and continue) under one rule and seed; returns the judged model's folder, wall time, weight history.
+
+    With --reuse, a finished run is not repeated and reports the wall time recorded when it ran.
+    """
     from drpruning_composer.dro.report import read_history_csv
 
     save = (args.out / f'{rule}-seed{seed}').resolve()
-    common = [*rule_overrides(rule, proportions), f'variables.seed={seed}', 'save_overwrite=true', *overrides]
-    start = time.perf_counter()
-    if not (args.reuse and (save / 'pruned_hf' / 'config.json').is_file()):
+    record = save / 'run.json'
+    if not (args.reuse and record.is_file()):
+        common = [*rule_overrides(rule, proportions), f'variables.seed={seed}', 'save_overwrite=true', *overrides]
+        start = time.perf_counter()
         train(recipe('prune.yaml', data, source, save, [*common, f'run_name={rule}-seed{seed}']), save / 'prune.log')
-    model, history = save / 'pruned_hf', save / 'dro' / 'history.csv'
-    if args.continue_pretraining:
-        cont = save / 'continue'
-        if not (args.reuse and (cont / 'huggingface' / 'model' / 'config.json').is_file()):
+        model, history = save / 'pruned_hf', save / 'dro' / 'history.csv'
+        if args.continue_pretraining:
+            cont = save / 'continue'
             train(recipe('continue.yaml', data, model, cont, [*common, f'run_name={rule}-seed{seed}-continue']),
                   cont / 'continue.log')
-        model, history = cont / 'huggingface' / 'model', cont / 'dro' / 'history.csv'
-    _, rows = read_history_csv(str(history))
-    return {'model': str(model), 'wall_s': time.perf_counter() - start, 'history': rows}
+            model, history = cont / 'huggingface' / 'model', cont / 'dro' / 'history.csv'
+        record.write_text(json.dumps({'model': str(model), 'history': str(history),
+                                      'wall_s': time.perf_counter() - start}))
+    run = json.loads(record.read_text())
+    _, run['history'] = read_history_csv(run['history'])
+    return run
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

@@ -141,15 +141,17 @@ def check_resume(cfg: DictConfig, allow_no_autoresume: bool = False) -> str | No
     """A run that saves checkpoints must resume when restarted: raise ConfigError, or return a warning.
 
     llm-foundry 0.22.0 logs that it changes autoresume's default to True but never does: without `autoresume: true`
-    a restarted run starts again at batch 0 and Composer's checkpoint saver stops it (FileExistsError), unless
+    a restarted run starts again at batch 0 and Composer's checkpoint saver stops it before its first batch
+    (FileExistsError), unless
     `save_overwrite: true` lets it overwrite its checkpoints (a warning then).
     """
     save_folder = cfg.get('save_folder')
     if _is_true(cfg.get('autoresume')):
         if save_folder is None:
             raise ConfigError('autoresume: true needs a save_folder to resume from')
-        if cfg.get('run_name') is None:
-            raise ConfigError('autoresume: true needs a run_name (Composer finds the checkpoints of a run by name)')
+        if cfg.get('run_name') is None and not os.environ.get('RUN_NAME'):
+            raise ConfigError('autoresume: true needs a run_name (or RUN_NAME in the environment): Composer finds '
+                              'the checkpoints of a run by its name')
         return None
     if save_folder is None:
         return None
@@ -158,9 +160,10 @@ def check_resume(cfg: DictConfig, allow_no_autoresume: bool = False) -> str | No
                 'batch 0 and overwrites its checkpoints (save_overwrite: true)')
     if allow_no_autoresume:
         return (f'save_folder {save_folder} is set without autoresume: true: a restarted run will start at batch 0 '
-                'and stop at its first checkpoint (FileExistsError)')
+                "and Composer's checkpoint saver will stop it before its first batch (FileExistsError)")
     raise ConfigError(f'autoresume: save_folder {save_folder} is set but autoresume is not true, so a restarted run '
-                      "would not resume: it would start at batch 0 and stop at Composer's FileExistsError. Set "
+                      "would not resume: it would start at batch 0 and Composer's checkpoint saver would stop it "
+                      'before its first batch (FileExistsError). Set '
                       'autoresume=true (llm-foundry 0.22.0 does not turn it on by itself), or pass '
                       '--allow-no-autoresume to run anyway')
 

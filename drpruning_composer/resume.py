@@ -20,10 +20,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LATEST = 'latest-rank0.pt'
+LATEST = 'latest-rank0.pt'  # llm-foundry's name for monolithic checkpoints; 'latest-sharded-rank0' for sharded ones
 INTERRUPTED = 'interrupted'
-# Composer's default checkpoint names: `ep{epoch}-ba{batch}-rank{rank}.pt` files, or `ep{epoch}-ba{batch}` folders
-# of a sharded checkpoint.
+DEFAULT_SAVE_FILENAME = 'ep{epoch}-ba{batch}-rank{rank}.pt'
+# Checkpoints saved under llm-foundry's default `save_filename`: `ep{epoch}-ba{batch}-rank{rank}.pt` files, or
+# `ep{epoch}-ba{batch}` folders of a sharded checkpoint.
 _CHECKPOINT = re.compile(r'^ep(?P<epoch>\d+)-ba(?P<batch>\d+)(?:-rank(?P<rank>\d+)\.pt)?$')
 
 
@@ -63,30 +64,32 @@ def _move_aside(entry: Path, folder: Path) -> None:
     log.warning('resume: moved the unfinished checkpoint %s to %s', entry, target)
 
 
-def _point_latest(folder: Path, checkpoint: Path | None) -> None:
-    latest = folder / LATEST
+def _point_latest(latest: Path, checkpoint: Path | None) -> None:
+    if latest.exists() and not latest.is_symlink():
+        log.warning('resume: %s is a file, not a symlink; left as it is', latest)
+        return
     if checkpoint is None:
-        if latest.is_symlink():
-            latest.unlink(missing_ok=True)
+        latest.unlink(missing_ok=True)
         return
     if latest.is_symlink() and os.readlink(latest) == checkpoint.name:
         return
-    tmp = folder / f'.{LATEST}.{uuid.uuid4().hex[:8]}'
+    tmp = latest.with_name(f'.{latest.name}.{uuid.uuid4().hex[:8]}')
     os.symlink(checkpoint.name, tmp)
     os.replace(tmp, latest)  # atomic: `latest` always names a complete checkpoint
     log.warning('resume: %s now points at %s, the newest complete checkpoint', latest, checkpoint.name)
 
 
-def prepare_resume(save_folder: str | os.PathLike) -> Path | None:
-    """Point `latest-rank0.pt` at the newest complete checkpoint and move newer or incomplete ones aside.
+def prepare_resume(save_folder: str | os.PathLike, latest_name: str = LATEST) -> Path | None:
+    """Point `latest_name` at the newest complete checkpoint and move newer or incomplete ones aside.
 
-    Returns the checkpoint a restart will resume from (None: none complete, the run starts at batch 0). Safe to call
-    from several processes at once: every step is idempotent and the symlink is replaced atomically.
+    Only checkpoints with llm-foundry's default names are considered; a folder without any is left untouched.
+    Returns the checkpoint a restart will resume from (None: none, the run starts at batch 0). Safe to call from
+    several processes at once: every step is idempotent and the symlink is replaced atomically.
     """
     folder = Path(save_folder)
-    if not folder.is_dir():
+    checkpoints = _rank0_checkpoints(folder) if folder.is_dir() else {}
+    if not checkpoints:
         return None
-    checkpoints = _rank0_checkpoints(folder)
     complete = [batch for batch, path in checkpoints.items() if is_complete(path)]
     resume_batch = max(complete, default=None)
     for entry in sorted(folder.iterdir()):
@@ -94,5 +97,5 @@ def prepare_resume(save_folder: str | os.PathLike) -> Path | None:
         if batch is not None and (resume_batch is None or batch > resume_batch):
             _move_aside(entry, folder)
     resume_from = None if resume_batch is None else checkpoints[resume_batch]
-    _point_latest(folder, resume_from)
+    _point_latest(folder / latest_name, resume_from)
     return resume_from

@@ -189,7 +189,10 @@ def test_hard_finish_trains_the_exported_model_with_frozen_masks(tmp_path):
         sum(p.numel() for n, p in export.named_parameters() if 'embed' not in n and 'lm_head' not in n))
 
 
-def test_hard_finish_in_another_unit_than_max_duration_fails_before_training():
-    trainer, _ = _trainer(_algorithm(hard_finish='8sp'), '6ba')
-    with pytest.raises(ValueError, match='l0_mask.hard_finish'):
+@pytest.mark.parametrize('hard_finish, max_duration, match', [('8sp', '6ba', 'in the unit of max_duration'),
+                                                              ('7ba', '6ba', 'longer than max_duration'),
+                                                              ('0.2dur', '1ep', 'needs max_duration in ba')])
+def test_bad_hard_finish_fails_before_training(hard_finish, max_duration, match):
+    trainer, _ = _trainer(_algorithm(hard_finish=hard_finish), max_duration)
+    with pytest.raises(ValueError, match=f'l0_mask.hard_finish.*{match}'):
         trainer.fit()

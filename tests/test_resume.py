@@ -125,7 +125,8 @@ def test_prepare_resume_without_complete_checkpoint_starts_over(tmp_path):
     assert not (tmp_path / LATEST).exists() and not any(tmp_path.glob('ep*'))
 
 
-def test_save_folder_without_autoresume_fails_before_training(tiny_demo):
+def test_save_folder_without_autoresume_fails_before_training(tiny_demo, monkeypatch):
+    monkeypatch.delenv('RUN_NAME', raising=False)
     base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama']
     cfg = load_and_check(PRUNE, [*base, 'save_overwrite=false'])
     with pytest.raises(ConfigError, match=r'^autoresume: .* Set autoresume=true'):
@@ -138,3 +139,21 @@ def test_save_folder_without_autoresume_fails_before_training(tiny_demo):
     proc = subprocess.run([sys.executable, 'train.py', PRUNE, *base, 'save_overwrite=false'], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and 'config error: autoresume:' in proc.stderr
+
+
+def test_prepare_resume_leaves_unknown_layouts_alone(tmp_path):
+    custom = tmp_path / 'custom'  # checkpoints under a custom save_filename: nothing to judge, nothing touched
+    custom.mkdir()
+    _fake_checkpoint(custom / 'step10.pt')
+    os.symlink('step10.pt', custom / LATEST)
+    assert prepare_resume(custom) is None and os.readlink(custom / LATEST) == 'step10.pt'
+    regular = tmp_path / 'regular'  # `latest` as a plain file (e.g. downloaded): left as it is
+    regular.mkdir()
+    _fake_checkpoint(regular / 'ep0-ba2-rank0.pt')
+    _fake_checkpoint(regular / LATEST)
+    assert prepare_resume(regular) == regular / 'ep0-ba2-rank0.pt' and not (regular / LATEST).is_symlink()
+    sharded = tmp_path / 'sharded'  # llm-foundry's sharded layout and symlink name
+    (sharded / 'ep0-ba2').mkdir(parents=True)
+    (sharded / 'ep0-ba2' / '.metadata').write_bytes(b'')
+    assert prepare_resume(sharded, 'latest-sharded-rank0') == sharded / 'ep0-ba2'
+    assert os.readlink(sharded / 'latest-sharded-rank0') == 'ep0-ba2'

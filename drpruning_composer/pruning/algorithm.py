@@ -167,12 +167,16 @@ class L0MaskAlgorithm(Algorithm):
         """Where the hard finish starts, in max_duration's unit (a fraction for 'dur'); None without one."""
         if self.hard_finish.value == 0:
             return None
+        name, max_duration = f"l0_mask.hard_finish={self.hparams['hard_finish']!r}", state.max_duration
+        if max_duration is None or max_duration.unit == TimeUnit.EPOCH:
+            raise ValueError(f'{name} needs max_duration in ba, sp or tok, got {max_duration}')
         if self.hard_finish.unit == TimeUnit.DURATION:
             return 1.0 - self.hard_finish.value
-        if state.max_duration is None or state.max_duration.unit != self.hard_finish.unit:
-            raise ValueError(f"l0_mask.hard_finish={self.hparams['hard_finish']!r} must be in the unit of "
-                             f'max_duration ({state.max_duration}), or in dur')
-        return state.max_duration.value - self.hard_finish.value
+        if max_duration.unit != self.hard_finish.unit:
+            raise ValueError(f'{name} must be in the unit of max_duration ({max_duration}), or in dur')
+        if self.hard_finish.value > max_duration.value:
+            raise ValueError(f'{name} is longer than max_duration ({max_duration}): the masks would never be learned')
+        return max_duration.value - self.hard_finish.value
 
     def _in_hard_finish(self, state: State) -> bool:
         start = self._hard_finish_start(state)
@@ -184,13 +188,11 @@ class L0MaskAlgorithm(Algorithm):
         return state.timestamp.get(self.hard_finish.unit).value >= start
 
     def _add_lagrangian(self, state: State) -> None:
-        """Add the Lagrangian to the loss, as the `lagrangian` entry of a loss dict (0 during the hard finish)."""
+        """Add the Lagrangian to the loss, as the `lagrangian` entry of a loss dict (0 in the hard finish)."""
         loss = state.loss
         total = (loss['total'] if 'total' in loss else sum(loss.values())) if isinstance(loss, dict) else loss
         lagrangian = self.masks.pop_lagrangian()
-        if lagrangian is None:
-            lagrangian = torch.zeros_like(total)
-        lagrangian = lagrangian.reshape(total.shape)
+        lagrangian = torch.zeros((), device=total.device) if lagrangian is None else lagrangian.reshape(())
         if isinstance(loss, dict):
             state.loss = {**loss, 'total': total + lagrangian, 'lagrangian': lagrangian}
         else:

@@ -120,7 +120,7 @@ class L0Masks(nn.Module):
     def forward(self) -> dict[str, torch.Tensor]:
         """Draw this forward's gates; in training also build the Lagrangian. Returns the gates.
 
-        While `hard`, the gates are the exact target masks (binary, not differentiable) and there is no Lagrangian:
+        While `hard`, the gates are the exact target masks (binary, not differentiable) and the Lagrangian is zero:
         the model trains and evaluates as the one that will be exported.
         """
         if self.hard or (not self.training and self.eval_mode == 'target'):
@@ -133,7 +133,11 @@ class L0Masks(nn.Module):
         keep = self.gates if self.hard else {name: keep_probability(p) for name, p in self.log_alpha.items()}
         sparsity = {name: 1.0 - k.mean() for name, k in keep.items()}
         self.lagrangian = None
-        if self.training and not self.hard:
+        if self.training and self.hard:
+            # A zero-weighted term keeps every parameter in the graph: DDP expects a gradient for each of them.
+            # The algorithm freezes them with lr 0 (a zero gradient alone would still move them through Adam's momentum).
+            self.lagrangian = 0.0 * torch.stack([p.sum() for p in self.parameters()]).sum().view(1)
+        elif self.training:
             rows = {n: 1.0 - keep[n].mean(-1) if self.per_row_constraint else sparsity[n] for n in self.active}
             terms = [lagrangian(rows[n], self.current_target_sparsity(n), self.lambda_1[n], self.lambda_2[n])
                      for n in self.active]
