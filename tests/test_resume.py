@@ -59,6 +59,18 @@ def _history(save: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(open(save / 'dro' / 'history.csv')))
 
 
+@pytest.fixture
+def remove_leaked_shared_memory():
+    """SIGKILLed runs leave mosaicml-streaming's shared memory in /dev/shm; remove what appeared during the test."""
+    shm = Path('/dev/shm')
+    before = set(os.listdir(shm)) if shm.is_dir() else set()
+    yield
+    for name in set(os.listdir(shm) if shm.is_dir() else ()) - before:
+        if re.match(r'^\d{6}_', name):
+            (shm / name).unlink(missing_ok=True)
+
+
+@pytest.mark.usefixtures('remove_leaked_shared_memory')
 def test_killed_run_resumes_bit_identically(tiny_demo, tmp_path):
     full, killed = tmp_path / 'full', tmp_path / 'killed'
     _run_to_end(_command(tiny_demo, full), tmp_path / 'full.log')
