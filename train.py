@@ -10,7 +10,7 @@ Option: --allow-no-autoresume runs a YAML that saves checkpoints without `autore
 import os
 import sys
 
-from drpruning_composer.config_check import ConfigError, check_resume, load_and_check
+from drpruning_composer.config_check import ConfigError, check_resume, is_true, load_and_check
 from drpruning_composer.registry import register_components
 from drpruning_composer.resume import DEFAULT_SAVE_FILENAME, prepare_resume
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     if warning:
         print(f'train.py: warning: {warning}', file=sys.stderr)
     # One process per node repairs the folder; the others cannot pass distributed init before it is done.
-    if cfg.get('autoresume') and os.environ.get('LOCAL_RANK', '0') == '0':
+    if is_true(cfg.get('autoresume')) and os.environ.get('LOCAL_RANK', '0') == '0':
         _prepare_resume(cfg)
     from llmfoundry.command_utils import train_from_yaml
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import domains_of, ensure_demo, recipe, train  # noqa: E402
+from recipes import add_data_arguments, data_and_source, domains_of, recipe, train  # noqa: E402
 
 VARIANTS = {  # every option named, so that the variants do not move with the defaults
     'global': ['algorithms.l0_mask.constraint=global', 'algorithms.l0_mask.hard_finish=0ba'],
@@ -50,14 +50,14 @@ def load_masked_model(checkpoint: Path):
 
     state = torch.load(checkpoint, map_location='cpu', weights_only=False)
     algorithm = _algorithm_state(state)
-    hard_finish = algorithm['hparams'].get('hard_finish', '0ba')
     fields = dict(algorithm['source_config'])
     config = AutoConfig.for_model(fields.pop('model_type'), **fields)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     hparams = algorithm['hparams']
     source, target, active = L0MaskAlgorithm(target=hparams['target'], masks=hparams['masks']).resolve(config)
     masks = L0Masks(source, target, active, bias_layout(model))
-    ends_on_target = Time.from_timestring(hard_finish).value > 0 or hparams['eval_mode'] == 'target'
+    hard_finish = Time.from_timestring(hparams.get('hard_finish', '0ba'))
+    ends_on_target = hard_finish.value > 0 or hparams['eval_mode'] == 'target'
     masks.end_gates = 'target' if ends_on_target else 'soft'
     attach_masks(model, masks)
     prefix = algorithm['model_prefix']
@@ -65,14 +65,19 @@ def load_masked_model(checkpoint: Path):
     return model.eval(), masks
 
 
-def folded_gates(masks) -> dict[str, torch.Tensor]:
-    """Kept gates (top-k) at their noise-free values, dropped gates at 0."""
+def _kept_and_soft(masks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The binary top-k target gates and the noise-free gate values of every mask type."""
     from drpruning_composer.pruning.hard_concrete import soft_gates
     from drpruning_composer.pruning.masks import target_gates
 
     log_alpha = {k: v.detach() for k, v in masks.log_alpha.items()}
-    binary = target_gates(log_alpha, masks.target)
-    return {name: binary[name] * soft_gates(log_alpha[name]) for name in log_alpha}
+    return target_gates(log_alpha, masks.target), {k: soft_gates(v) for k, v in log_alpha.items()}
+
+
+def folded_gates(masks) -> dict[str, torch.Tensor]:
+    """Kept gates (top-k) at their noise-free values, dropped gates at 0."""
+    kept, soft = _kept_and_soft(masks)
+    return {name: kept[name] * soft[name] for name in kept}
 
 
 @contextmanager
@@ -85,31 +90,26 @@ def fixed_gates(masks, gates: dict[str, torch.Tensor]):
         del masks.forward
 
 
-def masked_loss(model, masks, tokens: np.ndarray, gates: str) -> float:
-    """Mean next-token loss with the masks' `soft` or `target` gates, or with `folded` ones."""
+def masked_loss(model, masks, tokens: np.ndarray, gates: str | dict[str, torch.Tensor]) -> float:
+    """Mean next-token loss with the masks' `soft` or `target` gates, or with the given fixed gates."""
     from drpruning_composer.evaluate import domain_loss
 
-    if gates in ('soft', 'target'):
+    if isinstance(gates, str):
         masks.eval_mode = gates
         return domain_loss(model, tokens)
-    with fixed_gates(masks, folded_gates(masks)):
+    with fixed_gates(masks, gates):
         return domain_loss(model, tokens)
 
 
 def gate_statistics(masks) -> dict[str, dict]:
-    from drpruning_composer.pruning.hard_concrete import soft_gates
-    from drpruning_composer.pruning.masks import target_gates
+    kept, soft = _kept_and_soft(masks)
 
-    log_alpha = {k: v.detach() for k, v in masks.log_alpha.items()}
-    binary = target_gates(log_alpha, masks.target)
-    out = {}
-    for name, scores in log_alpha.items():
-        soft, kept = soft_gates(scores), binary[name].bool()
-        low = (kept & (soft < 0.9)).flatten(1).sum(-1) if scores.dim() > 1 else (kept & (soft < 0.9)).sum()
-        high = (~kept & (soft > 0.1)).flatten(1).sum(-1) if scores.dim() > 1 else (~kept & (soft > 0.1)).sum()
-        out[name] = {'kept_below_0.9': low.tolist(), 'dropped_above_0.1': high.tolist(),
-                     'total': scores.numel()}
-    return out
+    def per_row(mask: torch.Tensor) -> list[int] | int:
+        return mask.flatten(1).sum(-1).tolist() if mask.dim() > 1 else int(mask.sum())
+
+    return {name: {'kept_below_0.9': per_row(kept[name].bool() & (soft[name] < 0.9)),
+                   'dropped_above_0.1': per_row(~kept[name].bool() & (soft[name] > 0.1)),
+                   'total': soft[name].numel()} for name in kept}
 
 
 def measure(save: Path, data: Path) -> dict:
@@ -119,13 +119,15 @@ def measure(save: Path, data: Path) -> dict:
 
     model, masks = load_masked_model(save / 'latest-rank0.pt')
     export = AutoModelForCausalLM.from_pretrained(save / 'pruned_hf', torch_dtype=torch.float32).eval()
+    gates = {'soft': 'soft', 'folded': folded_gates(masks)}
+    if masks.end_gates == 'target':
+        gates['target'] = 'target'
     rows = {}
     for domain in domains_of(data):
         tokens = read_split(data, domain, 'val')
-        rows[domain] = {'samples': len(tokens), 'end': masked_loss(model, masks, tokens, masks.end_gates),
-                        'soft': masked_loss(model, masks, tokens, 'soft'),
-                        'folded': masked_loss(model, masks, tokens, 'folded'),
-                        'export': domain_loss(export, tokens)}
+        losses = {name: masked_loss(model, masks, tokens, g) for name, g in gates.items()}
+        rows[domain] = {'samples': len(tokens), 'end': losses[masks.end_gates], 'soft': losses['soft'],
+                        'folded': losses['folded'], 'export': domain_loss(export, tokens)}
     return {'end_gates': masks.end_gates, 'losses': rows, 'gates': gate_statistics(masks)}
 
 
@@ -147,18 +149,14 @@ def print_result(name: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--demo', type=Path, default=Path('runs/bench_demo'),
-                   help='demo folder whose data and pretrained source are used (built if absent)')
-    p.add_argument('--data', type=Path, help='prepared data folder (default: the demo\'s)')
-    p.add_argument('--source', type=Path, help='source Hugging Face folder (default: the demo\'s pretrained one)')
+    add_data_arguments(p)
     p.add_argument('--out', type=Path, default=Path('runs/export_fidelity'))
     p.add_argument('--variant', action='append', default=[], metavar='NAME=OVERRIDES',
                    help='a recipe variant: name=space-separated YAML overrides (default: the built-in variants)')
     p.add_argument('--seed', type=int, default=17)
     p.add_argument('--reuse', action='store_true', help='measure existing runs under --out instead of rerunning')
     args = p.parse_args(argv)
-    data, source = (args.data.resolve(), args.source.resolve()) if args.data and args.source else ensure_demo(
-        args.demo.resolve())
+    data, source = data_and_source(args)
     variants = dict(v.split('=', 1) for v in args.variant)
     variants = {k: v.split() for k, v in variants.items()} or VARIANTS
     results = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import domains_of, ensure_demo, recipe, train  # noqa: E402
+from recipes import add_data_arguments, data_and_source, domains_of, recipe, train  # noqa: E402
 
 RULES = ('constant', 'uniform', 'sheared', 'dro')
 METRICS = ('mean_loss', 'worst_loss', 'worst_degradation', 'wall_s')
@@ -153,10 +153,7 @@ def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--demo', type=Path, default=Path('runs/bench_demo'),
-                   help='demo folder whose data and pretrained source are used (built if absent)')
-    p.add_argument('--data', type=Path)
-    p.add_argument('--source', type=Path)
+    add_data_arguments(p)
     p.add_argument('--out', type=Path, default=Path('runs/method_quality'))
     p.add_argument('--rules', nargs='+', default=['constant', 'sheared', 'dro'], choices=RULES)
     p.add_argument('--seeds', nargs='+', type=int, default=[17, 18, 19])
@@ -169,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from drpruning_composer.evaluate import evaluate, read_split
 
-    data, source = (args.data.resolve(), args.source.resolve()) if args.data and args.source else ensure_demo(
-        args.demo.resolve())
+    data, source = data_and_source(args)
     domains = domains_of(data)
     proportions = args.proportions or natural_proportions(data)
     if len(proportions) != len(domains):

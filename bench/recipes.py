@@ -6,6 +6,7 @@ go in; the YAML under `yamls/demo` gets that folder's domains, one eval loader p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -54,3 +55,17 @@ def ensure_demo(demo: Path) -> tuple[Path, Path]:
         subprocess.run(['python', '-m', 'drpruning_composer.demo', '--out', str(demo), '--stages', 'data', 'pretrain'],
                        cwd=REPO, check=True, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     return data, source
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data and --source (any prepared folder and source model), or --demo (the demo's, built if absent)."""
+    parser.add_argument('--demo', type=Path, default=Path('runs/bench_demo'),
+                        help='demo folder whose data and pretrained source are used (built if absent)')
+    parser.add_argument('--data', type=Path, help="prepared data folder (default: the demo's)")
+    parser.add_argument('--source', type=Path, help="source Hugging Face folder (default: the demo's pretrained one)")
+
+
+def data_and_source(args: argparse.Namespace) -> tuple[Path, Path]:
+    if args.data and args.source:
+        return args.data.resolve(), args.source.resolve()
+    return ensure_demo(args.demo.resolve())

@@ -133,7 +133,8 @@ def check_dro(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
 
 
-def _is_true(value: Any) -> bool:
+def is_true(value: Any) -> bool:
+    """A YAML flag that is on (true, or the string `true` from an override)."""
     return value is True or str(value).lower() == 'true'
 
 
@@ -142,11 +143,10 @@ def check_resume(cfg: DictConfig, allow_no_autoresume: bool = False) -> str | No
 
     llm-foundry 0.22.0 logs that it changes autoresume's default to True but never does: without `autoresume: true`
     a restarted run starts again at batch 0 and Composer's checkpoint saver stops it before its first batch
-    (FileExistsError), unless
-    `save_overwrite: true` lets it overwrite its checkpoints (a warning then).
+    (FileExistsError), unless `save_overwrite: true` lets it overwrite its checkpoints (a warning then).
     """
     save_folder = cfg.get('save_folder')
-    if _is_true(cfg.get('autoresume')):
+    if is_true(cfg.get('autoresume')):
         if save_folder is None:
             raise ConfigError('autoresume: true needs a save_folder to resume from')
         if cfg.get('run_name') is None and not os.environ.get('RUN_NAME'):
@@ -155,7 +155,7 @@ def check_resume(cfg: DictConfig, allow_no_autoresume: bool = False) -> str | No
         return None
     if save_folder is None:
         return None
-    if _is_true(cfg.get('save_overwrite')):
+    if is_true(cfg.get('save_overwrite')):
         return (f'save_folder {save_folder} is set without autoresume: true, so a restarted run starts again at '
                 'batch 0 and overwrites its checkpoints (save_overwrite: true)')
     if allow_no_autoresume:
