@@ -85,9 +85,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float]) -> dict:
     """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`."""
+    from drpruning_composer.evaluate import degradation
+
     for seeds in runs.values():
         for r in seeds.values():
-            r['worst_degradation'] = max(r['loss'][d] / source_loss[d] for d in source_loss)
+            r['worst_degradation'] = max(degradation(r['loss'], source_loss).values())
     summary = {}
     for rule, seeds in runs.items():
         entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS}

@@ -23,11 +23,10 @@ def domains_of(data: Path) -> list[str]:
 
 
 def recipe(yaml: str, data: Path, source: Path, save_folder: Path, overrides: Sequence[str] = ()) -> Path:
-    """Write `yamls/demo/<yaml>` adapted to `data`'s domains (uniform mixture) to `save_folder/<yaml>`."""
+    """Write `yamls/demo/<yaml>` adapted to `data`'s domains (natural mixture) to `save_folder/<yaml>`."""
     cfg = om.load(REPO / 'yamls' / 'demo' / yaml)
     domains = domains_of(data)
     cfg.variables.update(data=str(data), source_model=str(source), save_folder=str(save_folder), domains=domains)
-    cfg.train_loader.dataset.proportions = [1.0 / len(domains)] * len(domains)
     template = om.to_container(cfg.eval_loader[0])
     cfg.eval_loader = [{**template, 'label': d, 'dataset': {**template['dataset'], 'local': f'{data}/{d}'}}
                        for d in domains]

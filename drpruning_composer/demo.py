@@ -4,12 +4,14 @@ Stages, each a plain ``composer train.py`` run of a YAML under ``yamls/demo`` (a
 
 1. data: corpus from the Python installation, BPE tokenizer, per-domain MDS shards, tiny Llama config;
 2. pretrain: the tiny GQA source model, one eval loader per domain;
-3. prune: DRPruning to about half the non-embedding parameters (L0 masks + DRO mixing), exported as an HF model;
-4. continue: continued pretraining of the pruned model with DRO and a dynamic reference loss, and the same run
-   with a constant mixture for comparison.
+3. prune-dro: DRPruning to about half the non-embedding parameters (L0 masks + DRO mixing from the corpus's natural,
+   skewed proportions), exported as an HF model;
+4. prune-constant: the same pruning with the mixture fixed at the natural proportions, for comparison;
+5. continue-dro: continued pretraining of the DRO-pruned model with DRO and a dynamic reference loss.
 
 Then it prints the corpus composition, the DRO weight trajectories, the per-domain validation losses of every
-model and the wall time of each stage, and writes them to ``OUT/report.json``.
+model with each domain's degradation against the source (L / L_source), and the wall time of each stage, and writes
+them to ``OUT/report.json``. One seed: `bench/method_quality.py` is the measurement over seeds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ('data', 'pretrain', 'prune', 'continue-dro', 'continue-constant')
+STAGES = ('data', 'pretrain', 'prune-dro', 'prune-constant', 'continue-dro')
 
 
 def _train(yaml: str, out: Path, *overrides: str) -> None:
@@ -41,28 +43,28 @@ def run_stage(stage: str, out: Path) -> None:
         build_demo(['--out', str(out)])
     elif stage == 'pretrain':
         _train('pretrain.yaml', out)
-    elif stage == 'prune':
-        _train('prune.yaml', out)
+    elif stage.startswith('prune-'):
+        _train('prune.yaml', out, f'variables.update={stage.split("-")[1]}')
     else:
         _train('continue.yaml', out, f'variables.update={stage.split("-")[1]}')
 
 
 def models(out: Path) -> dict[str, Path]:
-    return {'source': out / 'runs/source/huggingface/model', 'pruned': out / 'runs/prune/pruned_hf',
-            'pruned+DRO': out / 'runs/continue-dro/huggingface/model',
-            'pruned+constant': out / 'runs/continue-constant/huggingface/model'}
+    return {'source': out / 'runs/source/huggingface/model', 'pruned (dro)': out / 'runs/prune-dro/pruned_hf',
+            'pruned (constant)': out / 'runs/prune-constant/pruned_hf',
+            'pruned (dro) + continued': out / 'runs/continue-dro/huggingface/model'}
 
 
 def report(out: Path, timings: dict[str, float]) -> dict:
     from drpruning_composer.data.prepare import format_manifest
     from drpruning_composer.dro.report import format_trajectory, read_history_csv
-    from drpruning_composer.evaluate import evaluate, format_table
+    from drpruning_composer.evaluate import evaluate, format_degradation, format_table
 
     manifest = json.loads((out / 'data' / 'manifest.json').read_text())
     print('\n== corpus')
     print(format_manifest(manifest))
     trajectories = {}
-    for run in ('prune', 'continue-dro'):
+    for run in ('prune-dro', 'continue-dro'):
         csv = out / 'runs' / run / 'dro' / 'history.csv'
         if csv.is_file():
             domains, rows = read_history_csv(str(csv))
@@ -76,6 +78,9 @@ def report(out: Path, timings: dict[str, float]) -> dict:
     counts = ', '.join(f'{d} {n}' for d, n in rows[0]['samples'].items())
     print(f'\n== per-domain validation loss (whole val splits: {counts} samples)')
     print(format_table(rows))
+    if 'source' in found:
+        print('\n== degradation against the source, L / L_source (lower is better; one seed, see bench/method_quality.py)')
+        print(format_degradation(rows[1:], rows[0]['loss']))
     print('\n== wall time per stage (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()))
     result = {'timings_s': timings, 'corpus': manifest['domains'], 'losses': rows, 'dro_history': trajectories}
     (out / 'report.json').write_text(json.dumps(result, indent=2) + '\n')

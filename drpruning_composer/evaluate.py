@@ -74,6 +74,24 @@ def evaluate(models: Sequence[str], data: str, domains: Sequence[str] | None = N
     return rows
 
 
+def degradation(loss: dict[str, float], source_loss: dict[str, float]) -> dict[str, float]:
+    """Each domain's loss relative to the source model's, L / L_source (1.0 = no degradation)."""
+    return {d: loss[d] / source_loss[d] for d in source_loss}
+
+
+def format_degradation(rows: list[dict], source_loss: dict[str, float]) -> str:
+    """One line per row: L / L_source per domain and the worst of them."""
+    domains = list(source_loss)
+    head = f"{'model':<40} " + ' '.join(f'{d:>10}' for d in domains) + f" {'worst':>7}"
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        ratio = degradation(r['loss'], source_loss)
+        name = r['model'] if len(r['model']) <= 40 else '...' + r['model'][-37:]
+        lines.append(f'{name:<40} ' + ' '.join(f'{ratio[d]:>10.4f}' for d in domains)
+                     + f' {max(ratio.values()):>7.4f}')
+    return '\n'.join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     domains = list(rows[0]['loss'])
     head = f"{'model':<40} {'params':>9} " + ' '.join(f'{d:>10}' for d in domains) + f" {'mean':>7} {'worst':>7}"

@@ -20,7 +20,7 @@ def tiny_demo(tmp_path_factory) -> Path:
     from drpruning_composer.data.demo_corpus import build
 
     out = tmp_path_factory.mktemp('demo')
-    build(out, chars_per_domain=200_000, vocab_size=512, max_seq_len=64, model_overrides=TINY_MODEL)
+    build(out, scale=0.1, vocab_size=512, max_seq_len=64, model_overrides=TINY_MODEL)
     return out
 TINY_TARGET = {'num_hidden_layers': 1, 'hidden_size': 48, 'num_attention_heads': 2, 'num_key_value_heads': 1,
                'intermediate_size': 64}

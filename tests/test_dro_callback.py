@@ -110,7 +110,7 @@ def test_llmfoundry_two_ranks_agree_reweight_and_resume_exactly(tmp_path):
     paths = write_fixture(tmp_path)
     dro = {
         'domains': DOMAINS, 'update': 'dro', 'rho': 0.1, 'min_prob': 0.2, 'reference_loss': 'dynamic',
-        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 0.5, 'min_fit_points': 4,
+        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 1.5, 'min_fit_points': 4,
         'history_folder': str(tmp_path / 'dro'),
     }
     yaml_path = write_yaml(tmp_path, paths, dro)
@@ -214,8 +214,19 @@ def fake_state(tmp_path_factory):
         train_dataloader=torch.utils.data.DataLoader(mixture),
         evaluators=[_FakeEvaluator(f'eval/{d}') for d in DOMAINS],
         eval_metrics={}, algorithms=[], run_name='fake', dataloader_label=None,
-        timestamp=Timestamp(batch=3, sample=12),
+        timestamp=Timestamp(batch=3, sample=12), max_duration=None, get_elapsed_duration=lambda: None,
     )
+
+
+def _evaluate(callback, state, logger, losses):
+    """One evaluation round as Composer runs it: EVAL_END per domain, then EVAL_AFTER_ALL."""
+    from composer.core import Event
+
+    state.eval_metrics = {f'eval/{d}': {'LanguageCrossEntropy': _FakeMetric(v)} for d, v in zip(DOMAINS, losses)}
+    for d in DOMAINS:
+        state.dataloader_label = f'eval/{d}'
+        callback.run_event(Event.EVAL_END, state, logger)
+    callback.run_event(Event.EVAL_AFTER_ALL, state, logger)
 
 
 @pytest.mark.parametrize('change, message', [
@@ -264,11 +275,7 @@ def test_non_finite_loss_skips_update(fake_state, tmp_path):
     before = mixture.weights
 
     def evaluate(losses):
-        state.eval_metrics = {f'eval/{d}': {'LanguageCrossEntropy': _FakeMetric(v)} for d, v in zip(DOMAINS, losses)}
-        for d in DOMAINS:
-            state.dataloader_label = f'eval/{d}'
-            callback.run_event(Event.EVAL_END, state, logger)
-        callback.run_event(Event.EVAL_AFTER_ALL, state, logger)
+        _evaluate(callback, state, logger, losses)
 
     evaluate([2.0, float('nan'), 1.5])
     np.testing.assert_array_equal(mixture.weights, before)
@@ -281,6 +288,45 @@ def test_non_finite_loss_skips_update(fake_state, tmp_path):
     assert domains == DOMAINS and len(rows) == 2
     assert rows[0]['loss/count'] != rows[0]['loss/count']  # NaN recorded for the skipped update
     assert [rows[1][f'weight/{d}'] for d in DOMAINS] == pytest.approx(mixture.weights.tolist())
+
+
+def test_warmup_phases_gate_recording_updates_and_ratio_drift(fake_state, tmp_path):
+    """Nothing is recorded before `record_after`, no update before `update_after`, no drift before `ratio_after`;
+    the ratio then stays within a factor `ratio_band` of the start."""
+    from types import SimpleNamespace
+
+    from composer.core import Event, Timestamp
+    from composer.loggers import Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    state = SimpleNamespace(**vars(fake_state))
+    callback = DROReweightCallback(
+        domains=DOMAINS, reference_ratio='dynamic', ratio_delta=0.5, ratio_band=1.5, min_fit_points=4,
+        record_after=0.2, update_after=0.5, ratio_after=0.7, history_folder=str(tmp_path / '{run_name}'),
+        plot_interval=0,
+    )
+    logger = Logger(state, [])
+    callback.run_event(Event.FIT_START, state, logger)
+    mixture = state.train_dataloader.dataset
+    start = mixture.weights
+    for step in range(1, 10):
+        progress = step / 10
+        state.get_elapsed_duration = lambda: progress
+        state.timestamp = Timestamp(batch=10 * step, sample=40 * step)
+        _evaluate(callback, state, logger, [3.0 + 1.0 / step, 2.0 + 1.0 / step, 2.5 + 0.2 / step])
+        recorded = len(callback.predictors[0].losses)
+        assert recorded == max(0, step - 1), progress  # from 0.2 on
+        if progress < 0.5:
+            np.testing.assert_array_equal(mixture.weights, start)
+            assert callback.num_updates == 0
+        else:
+            assert not np.allclose(mixture.weights, start)
+        if progress < 0.7:
+            np.testing.assert_array_equal(callback.ratio, start)
+        else:
+            assert not np.allclose(callback.ratio, start)
+        assert np.all(callback.ratio <= 1.5 * start + 1e-12) and np.all(callback.ratio >= start / 1.5 - 1e-12)
 
 
 def test_train_loss_ema_is_per_domain_token_mean(fake_state):

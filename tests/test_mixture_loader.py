@@ -163,10 +163,16 @@ def test_num_workers_2_sees_weight_change(data_root):
     ({'proportions': [0.5, 0.5]}, 'dataset.proportions'),
     ({'proportions': [0.5, -0.1, 0.6]}, 'dataset.proportions'),
     ({'domains': ['alpha', 'alpha', 'gamma']}, 'distinct'),
+    ({'proportions': 'natrual'}, "'natural' or omitted"),
 ])
 def test_bad_config_raises(data_root, dataset, message):
     with pytest.raises(ValueError, match=message):
         build(data_root, **dataset)
+
+
+def test_natural_proportions_are_each_domains_share_of_samples(data_root):
+    loader = build(data_root, proportions='natural')
+    np.testing.assert_allclose(loader.dataset.weights, np.array(SIZES) / sum(SIZES))
 
 
 def test_proportions_are_normalised_with_warning(data_root):

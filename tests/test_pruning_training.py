@@ -185,8 +185,9 @@ def test_hard_finish_trains_the_exported_model_with_frozen_masks(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(masked(ids).logits, export(ids).logits, atol=1e-4, rtol=0)
     assert export.config.num_hidden_layers == TARGET['num_hidden_layers']
-    assert algorithm.expected_num_params() == pytest.approx(
-        sum(p.numel() for n, p in export.named_parameters() if 'embed' not in n and 'lm_head' not in n))
+    exported = sum(p.numel() for n, p in export.named_parameters() if 'embed' not in n and 'lm_head' not in n)
+    assert algorithm.expected_num_params() == pytest.approx(exported)
+    assert algorithm.target_num_params() == exported
 
 
 @pytest.mark.parametrize('hard_finish, max_duration, match', [('8sp', '6ba', 'in the unit of max_duration'),

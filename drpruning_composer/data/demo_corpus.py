@@ -10,7 +10,9 @@ difficulty:
 - ``records``: structured data: ``RECORD`` CSV manifests and ``*.json`` files of installed packages.
 
 Files are visited in sorted order and each domain is cut at a fixed character budget, so the corpus is
-deterministic for a given installation. Documents are written RedPajama-style as ``corpus/{domain}/*.jsonl``
+deterministic for a given installation. The budgets are skewed like real pretraining corpora (RedPajama:
+CommonCrawl 67%, ArXiv 2.5%): about 60% of the tokens are ``records`` and 8% ``prose``, which is where uneven
+degradation under pruning, and a data-mixing rule's effect on it, can show. Documents are written RedPajama-style as ``corpus/{domain}/*.jsonl``
 and go through the same preparation path as user data (:mod:`drpruning_composer.data.prepare`).
 """
 
@@ -93,6 +95,8 @@ def record_docs() -> Iterator[str]:
 
 
 SOURCES = {'c_headers': c_header_docs, 'prose': prose_docs, 'python': python_docs, 'records': record_docs}
+# Characters per domain at scale 1 (skewed, see the module docstring).
+CHAR_BUDGETS = {'c_headers': 1_500_000, 'prose': 600_000, 'python': 1_000_000, 'records': 3_000_000}
 
 
 def take(docs: Iterable[str], char_budget: int) -> list[str]:
@@ -106,11 +110,11 @@ def take(docs: Iterable[str], char_budget: int) -> list[str]:
     return out
 
 
-def write_corpus(out: Path, chars_per_domain: int) -> dict[str, int]:
-    """Write ``out/{domain}/part-00000.jsonl``; return documents per domain."""
+def write_corpus(out: Path, scale: float) -> dict[str, int]:
+    """Write ``out/{domain}/part-00000.jsonl`` (``CHAR_BUDGETS`` times `scale`); return documents per domain."""
     counts = {}
     for name in DOMAINS:
-        docs = take(SOURCES[name](), chars_per_domain)
+        docs = take(SOURCES[name](), int(CHAR_BUDGETS[name] * scale))
         (out / name).mkdir(parents=True, exist_ok=True)
         with open(out / name / 'part-00000.jsonl', 'w', encoding='utf-8') as f:
             for d in docs:
@@ -154,19 +158,20 @@ def tiny_llama_config(vocab_size: int, eos_id: int, pad_id: int, **overrides) ->
     }, **overrides}
 
 
-def build(out: str | Path, chars_per_domain: int = 2_000_000, vocab_size: int = 4096, max_seq_len: int = 256,
-          seed: int = 17, model_overrides: dict | None = None) -> dict:
+def build(out: str | Path, scale: float = 1.0, vocab_size: int = 4096, max_seq_len: int = 256,
+          seed: int = 17, model_overrides: dict | None = None, val_fraction: float = 0.1) -> dict:
     """Build corpus, tokenizer, MDS data and tiny-model config under `out`; return the data manifest.
 
-    Layout: ``corpus/`` (jsonl), ``tokenizer/``, ``data/`` (MDS + manifest.json), ``tiny_llama/`` (config.json and
+    `scale` multiplies every domain's character budget; `val_fraction` of each domain's documents go to val (10%,
+    so that the smallest domain's val split still holds a few dozen sequences). Layout: ``corpus/`` (jsonl), ``tokenizer/``, ``data/`` (MDS + manifest.json), ``tiny_llama/`` (config.json and
     tokenizer files: the `pretrained_model_name_or_path` of the source model's random init).
     """
     out = Path(out)
     corpus = out / 'corpus'
-    write_corpus(corpus, chars_per_domain)
+    write_corpus(corpus, scale)
     train_tokenizer(corpus, out / 'tokenizer', vocab_size)
     manifest = prepare({d: corpus / d for d in DOMAINS}, out / 'tokenizer', out / 'data', max_seq_len=max_seq_len,
-                       seed=seed, overwrite=True)
+                       val_fraction=val_fraction, seed=seed, overwrite=True)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out / 'tokenizer'), local_files_only=True)
@@ -180,11 +185,11 @@ def build(out: str | Path, chars_per_domain: int = 2_000_000, vocab_size: int = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m drpruning_composer.data.demo_corpus', description=__doc__.split('\n')[0])
     p.add_argument('--out', default='demo')
-    p.add_argument('--chars-per-domain', type=int, default=2_000_000)
+    p.add_argument('--scale', type=float, default=1.0, help='multiplies every domain\'s character budget')
     p.add_argument('--vocab-size', type=int, default=4096)
     p.add_argument('--max-seq-len', type=int, default=256)
     args = p.parse_args(argv)
-    manifest = build(args.out, args.chars_per_domain, args.vocab_size, args.max_seq_len)
+    manifest = build(args.out, args.scale, args.vocab_size, args.max_seq_len)
     print(format_manifest(manifest))
     return 0
 

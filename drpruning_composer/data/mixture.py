@@ -27,6 +27,9 @@ _UNIFORM_STREAM = 0
 _PERMUTATION_STREAM = 1
 
 
+NATURAL = 'natural'
+
+
 def normalize_proportions(proportions: Sequence[float], num_domains: int, key: str = 'proportions') -> np.ndarray:
     """Validate domain proportions (length, sign, finiteness) and normalise them to sum to 1 (warning if needed)."""
     p = np.asarray(proportions, dtype=np.float64)
@@ -361,7 +364,8 @@ def build_dynamic_mixture_dataloader(
     """llm-foundry dataloader `dynamic_mixture`.
 
     `dataset` keys: `local` (root holding `{domain}/{split}` MDS folders, column `tokens`), optional `remote`,
-    `domains` (list of names), `proportions` (initial weights, default uniform), `split` (default `train`),
+    `domains` (list of names), `proportions` (initial weights: a list, `natural` for each domain's share of the
+    split's samples, i.e. of its tokens, or omitted for uniform), `split` (default `train`),
     `max_seq_len`, `seed` (default 17), `shuffle` (default true), optional `eos_token_id` / `bos_token_id`
     (as for the `text` loader: adds `sequence_id`); other keys go to each StreamingDataset. Batches are those of
     the `text` loader (input_ids, attention_mask, labels, token counts) plus `domain_idx`.
@@ -378,7 +382,10 @@ def build_dynamic_mixture_dataloader(
     if not domains or len(set(domains)) != len(domains) or not all(isinstance(d, str) and d for d in domains):
         raise ValueError(f'dataset.domains must be a non-empty list of distinct names, got {domains}')
     proportions = config.pop('proportions', None)
-    weights = normalize_proportions(
+    natural = proportions == NATURAL
+    if isinstance(proportions, str) and not natural:
+        raise ValueError(f'dataset.proportions must be a list, {NATURAL!r} or omitted, got {proportions!r}')
+    weights = None if natural else normalize_proportions(
         [1.0] * len(domains) if proportions is None else list(proportions), len(domains), key='dataset.proportions',
     )
     if not drop_last:
@@ -398,6 +405,9 @@ def build_dynamic_mixture_dataloader(
         batch_size=int(device_batch_size),
         **config,
     )
+    if natural:
+        sizes = np.array([len(s) for s in sources], dtype=np.float64)
+        weights = normalize_proportions(sizes / sizes.sum(), len(domains), key='dataset.proportions')
     mixture = DynamicMixtureDataset(domains, sources, weights, max_seq_len=max_seq_len, seed=seed, shuffle=shuffle)
     base_collator, _ = construct_from_registry(
         name='text_collator',

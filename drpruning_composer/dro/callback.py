@@ -18,7 +18,7 @@ from composer.utils import dist
 from drpruning_composer.data.mixture import DynamicMixtureDataset, normalize_proportions
 from drpruning_composer.dro.report import HISTORY_CSV, HISTORY_PNG, plot_history, write_history_csv
 from drpruning_composer.dro.scaling_law import RefLossPredictor
-from drpruning_composer.dro.update import drift_ratio, dro_step, sheared_step
+from drpruning_composer.dro.update import drift_ratio, dro_step, sheared_step, smooth
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,16 @@ DYNAMIC = 'dynamic'
 EVAL_METRIC = 'LanguageCrossEntropy'
 
 
-def expected_num_params(state: State) -> float | None:
-    """Expected remaining size from the pruning algorithm, if one is active and has run a forward."""
+def pruning_num_params(state: State) -> tuple[float | None, float | None]:
+    """(expected size now, target size) from the pruning algorithm; (None, None) without one or before a forward."""
     try:
         from drpruning_composer.pruning.algorithm import L0MaskAlgorithm
     except ImportError:
-        return None
+        return None, None
     for algorithm in state.algorithms:
         if isinstance(algorithm, L0MaskAlgorithm):
-            value = algorithm.expected_num_params()
-            return None if value is None else float(value)
-    return None
+            return algorithm.expected_num_params(), algorithm.target_num_params()
+    return None, None
 
 
 def check_domains(domains: Sequence[str], mixture_domains: Sequence[str], eval_labels: Sequence[str],
@@ -77,12 +76,18 @@ class DROReweightCallback(Callback):
         reference_loss: one loss per domain, or `dynamic` (per-domain scaling-law prediction at the end
             of training, never increasing; no update until every domain has a prediction).
         reference_ratio: one proportion per domain, `dynamic` (starts at the mixture's initial proportions
-            and drifts: p <- (1-ratio_delta) p + ratio_delta q, within `ratio_band` relative to the start),
+            and drifts: p <- (1-ratio_delta) p + ratio_delta q, within a factor `ratio_band` of the start),
             or None (the mixture's initial proportions, fixed).
+        record_after, update_after, ratio_after: fractions of `max_duration` before which evaluations are not
+            recorded for the reference-loss fit (the first steps are transient), the weights are not updated, and
+            the reference ratio does not drift (the reference implementation's 2%, 10% and 20%).
+        excess_smoothing: decay of an exponential moving average of the excess loss (loss - reference loss)
+            that the update reads; it averages evaluation noise before the update's winner-take-most step.
+            0 disables it. 0.5 halves the weights' jitter at a lag of about two updates (README: the DRO signal).
         use_train_loss_ema: use a per-domain EMA (decay `ema_decay`) of the training loss instead of eval loss.
         min_fit_points: evaluations needed before the scaling law is fitted.
-        final_num_params: P at the end of training for the prediction (default: the latest expected size
-            from the pruning algorithm; any constant without one).
+        final_num_params: P at the end of training for the prediction (default: the pruning algorithm's target
+            size, the loss being predicted for the model that will be exported; the current size without one).
         history_folder: where `history.csv` (rewritten at every update) and `history.png` go; `{run_name}`
             is substituted.
         plot_interval: redraw the PNG every this many evaluations and at the end of training; 0 disables it.
@@ -99,7 +104,11 @@ class DROReweightCallback(Callback):
         reference_loss: Sequence[float] | str = DYNAMIC,
         reference_ratio: Sequence[float] | str | None = None,
         ratio_delta: float = 0.1,
-        ratio_band: float = 0.5,
+        ratio_band: float = 2.0,
+        record_after: float = 0.02,
+        update_after: float = 0.1,
+        ratio_after: float = 0.2,
+        excess_smoothing: float = 0.5,
         use_train_loss_ema: bool = False,
         ema_decay: float = 0.9,
         min_fit_points: int = 5,
@@ -119,8 +128,14 @@ class DROReweightCallback(Callback):
             raise ValueError(f'`min_prob` must be in [0, 1), got {min_prob}')
         if not 0 <= ratio_delta <= 1:
             raise ValueError(f'`ratio_delta` must be in [0, 1], got {ratio_delta}')
-        if not 0 <= ratio_band <= 1:
-            raise ValueError(f'`ratio_band` must be in [0, 1], got {ratio_band}')
+        if ratio_band < 1:
+            raise ValueError(f'`ratio_band` must be >= 1 (p0/band <= p <= band*p0), got {ratio_band}')
+        for key, value in (('record_after', record_after), ('update_after', update_after),
+                           ('ratio_after', ratio_after)):
+            if not 0 <= value < 1:
+                raise ValueError(f'`{key}` must be a fraction of the run in [0, 1), got {value}')
+        if not 0 <= excess_smoothing < 1:
+            raise ValueError(f'`excess_smoothing` must be in [0, 1), got {excess_smoothing}')
         if not 0 <= ema_decay < 1:
             raise ValueError(f'`ema_decay` must be in [0, 1), got {ema_decay}')
         if isinstance(reference_loss, str):
@@ -144,6 +159,10 @@ class DROReweightCallback(Callback):
         self.sheared_smoothing = float(sheared_smoothing)
         self.ratio_delta = float(ratio_delta)
         self.ratio_band = float(ratio_band)
+        self.record_after = float(record_after)
+        self.update_after = float(update_after)
+        self.ratio_after = float(ratio_after)
+        self.excess_smoothing = float(excess_smoothing)
         self.use_train_loss_ema = bool(use_train_loss_ema)
         self.ema_decay = float(ema_decay)
         self.final_num_params = None if final_num_params is None else float(final_num_params)
@@ -158,6 +177,7 @@ class DROReweightCallback(Callback):
         self.ratio: np.ndarray | None = None
         self.ref_loss: np.ndarray | None = None if self.static_ref_loss is None else self.static_ref_loss.copy()
         self.train_loss_ema = np.full(n, np.nan)
+        self.excess: np.ndarray | None = None
         self.num_params: float | None = None
         self.num_updates = 0
         self.rows: list[dict[str, Any]] = []
@@ -269,11 +289,11 @@ class DROReweightCallback(Callback):
         seq_len = mixture.max_seq_len
         tokens = mixture.samples_per_domain(int(state.timestamp.sample)).astype(np.float64) * seq_len
         remaining_tokens = self._remaining_samples(state, seq_len) * seq_len
-        p_now = expected_num_params(state)
+        p_now, p_target = pruning_num_params(state)
         if p_now is not None:
             self.num_params = p_now
         p_now = self.num_params if self.num_params is not None else 1.0
-        p_end = self.final_num_params if self.final_num_params is not None else p_now
+        p_end = self.final_num_params or p_target or p_now
         predictions = []
         for d, predictor in enumerate(self.predictors):
             predictor.add(p_now, tokens[d], losses[d])
@@ -295,17 +315,21 @@ class DROReweightCallback(Callback):
             logger.log_metrics({'dro/skipped_nonfinite': 1})
             self._record(state, logger, row, weights, losses)
             return
-        if self.static_ref_loss is None:
+        elapsed = state.get_elapsed_duration()
+        progress = 1.0 if elapsed is None else float(elapsed)
+        if self.static_ref_loss is None and progress >= self.record_after:
             predicted = self._dynamic_reference(state, losses, weights)
             if predicted is not None:
                 self.ref_loss = predicted
         new_weights = weights
-        if self.ref_loss is not None:
+        if self.ref_loss is not None and progress >= self.update_after:
+            self.excess = smooth(self.excess, losses - self.ref_loss, self.excess_smoothing)
+            zero = np.zeros_like(self.excess)
             if self.update == 'dro':
-                new_weights = dro_step(losses, self.ref_loss, self.ratio, self.rho, self.min_prob)
+                new_weights = dro_step(self.excess, zero, self.ratio, self.rho, self.min_prob)
             elif self.update == 'sheared':
-                new_weights = sheared_step(losses, self.ref_loss, weights, self.sheared_lr, self.sheared_smoothing)
-            if self.dynamic_ratio and self.update != 'constant':
+                new_weights = sheared_step(self.excess, zero, weights, self.sheared_lr, self.sheared_smoothing)
+            if self.dynamic_ratio and self.update != 'constant' and progress >= self.ratio_after:
                 self.ratio = drift_ratio(self.ratio, new_weights, self.ratio_delta, self.initial_ratio, self.ratio_band)
             if self.update != 'constant':
                 new_weights = mixture.set_weights_on_all_ranks(new_weights)
@@ -316,12 +340,11 @@ class DROReweightCallback(Callback):
     def _record(self, state: State, logger: Logger, row: dict[str, Any], weights: np.ndarray, losses: np.ndarray) -> None:
         metrics = {}
         for d, name in enumerate(self.domains):
-            ref = None if self.ref_loss is None else float(self.ref_loss[d])
             values = {
                 'weight': float(weights[d]),
                 'loss': float(losses[d]),
-                'ref_loss': ref,
-                'excess': None if ref is None else float(losses[d]) - ref,
+                'ref_loss': None if self.ref_loss is None else float(self.ref_loss[d]),
+                'excess': None if self.excess is None else float(self.excess[d]),
                 'ratio': None if self.ratio is None else float(self.ratio[d]),
             }
             for quantity, value in values.items():
@@ -360,6 +383,7 @@ class DROReweightCallback(Callback):
             'ratio': as_list(self.ratio),
             'ref_loss': as_list(self.ref_loss),
             'train_loss_ema': as_list(self.train_loss_ema),
+            'excess': as_list(self.excess),
             'num_params': self.num_params,
             'num_updates': self.num_updates,
             'predictors': [p.state_dict() for p in self.predictors],
@@ -378,6 +402,7 @@ class DROReweightCallback(Callback):
         self.ratio = as_array(state['ratio'])
         self.ref_loss = as_array(state['ref_loss']) if self.static_ref_loss is None else self.static_ref_loss.copy()
         self.train_loss_ema = as_array(state['train_loss_ema'])
+        self.excess = as_array(state.get('excess'))
         self.num_params = state['num_params']
         self.num_updates = int(state['num_updates'])
         for predictor, predictor_state in zip(self.predictors, state['predictors']):

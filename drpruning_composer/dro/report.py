@@ -1,7 +1,7 @@
 """The DRO history file: one CSV row per weight update, a PNG plot of it, and a text table for the demo.
 
 Columns: `batch`, `sample`, `update`, then for each domain `weight/<d>`, `loss/<d>`, `ref_loss/<d>`,
-`excess/<d>` and `ratio/<d>` (empty where a value is unknown).
+`excess/<d>` (the smoothed loss - ref_loss that the update read) and `ratio/<d>` (empty where a value is unknown).
 
 CLI: ``python -m drpruning_composer.dro.report [NAME=]RUN/dro/history.csv ...`` prints each run's weight
 trajectory and, for several runs, their final per-domain losses side by side.

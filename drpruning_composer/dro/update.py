@@ -148,15 +148,23 @@ def drift_ratio(
 ) -> np.ndarray:
     """Move the reference ratio toward the current weights: p <- (1-delta) p + delta q.
 
-    The result stays within a relative band around the initial ratio:
-    (1 - band) * p0_i <= p_i <= (1 + band) * p0_i, enforced by projection onto the simplex.
+    The result stays within a factor `band` of the initial ratio, p0_i / band <= p_i <= band * p0_i (the reference
+    implementation's [p0/2, 2 p0] is band 2), enforced by projection onto the simplex.
     """
     p = _as_distribution(ratio, 'ratio')
     q = _as_distribution(weights, 'weights')
     p0 = _as_distribution(initial_ratio, 'initial_ratio')
     if not 0 <= delta <= 1:
         raise ValueError(f'ratio_delta must be in [0, 1], got {delta}')
-    if not 0 <= band <= 1:
-        raise ValueError(f'ratio_band must be in [0, 1], got {band}')
+    if band < 1:
+        raise ValueError(f'ratio_band must be >= 1 (a factor around the initial ratio), got {band}')
     moved = (1.0 - delta) * p + delta * q
-    return project_to_band(moved, (1.0 - band) * p0, np.minimum((1.0 + band) * p0, 1.0))
+    return project_to_band(moved, p0 / band, np.minimum(band * p0, 1.0))
+
+
+def smooth(previous: np.ndarray | None, value: np.ndarray, decay: float) -> np.ndarray:
+    """Exponential moving average: decay * previous + (1 - decay) * value (value itself when there is none)."""
+    if not 0 <= decay < 1:
+        raise ValueError(f'smoothing decay must be in [0, 1), got {decay}')
+    value = np.asarray(value, dtype=np.float64)
+    return value.copy() if previous is None else decay * np.asarray(previous, dtype=np.float64) + (1 - decay) * value

@@ -21,7 +21,7 @@ from drpruning_composer.pruning.attach import attach_masks, bias_layout, check_s
 from drpruning_composer.pruning.export import export_pruned_model
 from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
 from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
-                                                  required_masks, resolve_target)
+                                                  expected_non_embedding_params, required_masks, resolve_target)
 
 
 CONSTRAINTS = ('per_layer', 'global')
@@ -203,6 +203,12 @@ class L0MaskAlgorithm(Algorithm):
         if self.masks is None or 'expected_params' not in self.masks.stats:
             return None
         return float(self.masks.stats['expected_params'])
+
+    def target_num_params(self) -> float | None:
+        """Non-embedding parameter count of the target shape, the size of the export (None before attaching)."""
+        if self.masks is None:
+            return None
+        return float(expected_non_embedding_params({}, self.masks.target, self.masks.bias))
 
     def export(self, state: State) -> None:
         """Write the pruned model to `export_dir` (collective: every rank gathers, rank 0 writes)."""
