@@ -52,11 +52,13 @@ def rule_overrides(rule: str, proportions: list[float]) -> list[str]:
 
 def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: Path, proportions: list[float],
             overrides: list[str]) -> dict:
-    """Prune (and continue) under one rule and seed; returns the judged model's folder, wall time, weight history.
+    """Prune (and continue) under one rule and seed; returns the judged model's folder, its whole-split evaluation,
+    wall time and weight history.
 
-    With --reuse, a finished run is not repeated and reports the wall time recorded when it ran.
+    With --reuse, a finished run is not repeated (nor re-evaluated) and reports what was recorded when it ran.
     """
     from drpruning_composer.dro.report import read_history_csv
+    from drpruning_composer.evaluate import evaluate
 
     save = (args.out / f'{rule}-seed{seed}').resolve()
     record = save / 'run.json'
@@ -73,6 +75,9 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
         record.write_text(json.dumps({'model': str(model), 'history': str(history),
                                       'wall_s': time.perf_counter() - start}))
     run = json.loads(record.read_text())
+    if 'loss' not in run:
+        run.update(evaluate([run['model']], str(data), max_samples=None)[0])
+        record.write_text(json.dumps(run))
     _, run['history'] = read_history_csv(run['history'])
     return run
 
@@ -83,8 +88,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float('nan')
 
 
+def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[str, tuple[float, float]]:
+    """Mean +- s.e. over the seeds both rules ran of the per-seed difference `rule - baseline`, per metric."""
+    seeds = [s for s in runs[rule] if s in runs[baseline]]
+    return {m: mean_se([runs[rule][s][m] - runs[baseline][s][m] for s in seeds]) for m in METRICS if m != 'wall_s'}
+
+
 def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float]) -> dict:
-    """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`."""
+    """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`,
+    also against every other rule (the comparisons the method must win)."""
     from drpruning_composer.evaluate import degradation
 
     for seeds in runs.values():
@@ -95,9 +107,9 @@ def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float]) -
         entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS}
         entry['loss'] = {d: mean_se([r['loss'][d] for r in seeds.values()]) for d in source_loss}
         if rule != 'constant' and 'constant' in runs:
-            paired = [s for s in seeds if s in runs['constant']]
-            entry['minus_constant'] = {m: mean_se([seeds[s][m] - runs['constant'][s][m] for s in paired])
-                                       for m in METRICS if m != 'wall_s'}
+            entry['minus_constant'] = paired(runs, rule, 'constant')
+        if rule == 'dro':
+            entry['minus'] = {other: paired(runs, 'dro', other) for other in runs if other != 'dro'}
         summary[rule] = entry
     return summary
 
@@ -116,10 +128,11 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
         print(f'{rule:<9} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
               + f" {_pm(e['mean_loss']):>16} {_pm(e['worst_loss']):>16} {_pm(e['worst_degradation']):>16}"
               + f" {_pm(e['wall_s'], 0):>10}")
-    print('\n== paired by seed: rule - constant (mean +- s.e. of the per-seed differences; < 0 is better)')
-    for rule, e in summary.items():
-        if 'minus_constant' in e:
-            print(f'{rule:<9} ' + '  '.join(f'{m} {_pm(v)}' for m, v in e['minus_constant'].items()))
+    print('\n== paired by seed: rule - baseline (mean +- s.e. of the per-seed differences; < 0 is better)')
+    pairs = [(rule, 'constant', e['minus_constant']) for rule, e in summary.items() if 'minus_constant' in e]
+    pairs += [('dro', other, v) for other, v in summary.get('dro', {}).get('minus', {}).items() if other != 'constant']
+    for rule, baseline, values in pairs:
+        print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
 
 
 def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
@@ -180,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every rule for the seeds it finished
         for rule in args.rules:
             print(f'== {rule}, seed {seed}', flush=True)
-            run = run_one(rule, seed, args, data, source, proportions, overrides)
-            run.update(evaluate([run['model']], str(data), max_samples=None)[0])
-            runs.setdefault(rule, {})[seed] = run
+            runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
     summary = summarise(runs, source_loss)
     samples = {d: len(read_split(data, d, 'val')) for d in domains}
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))

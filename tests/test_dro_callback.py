@@ -165,6 +165,11 @@ def _bad_callback_cases():
         (dict(reference_ratio=[0.5, -0.5, 1.0]), 'reference_ratio'),
         (dict(domains=['noise', 'noise', 'repeat']), 'distinct'),
         (dict(rho=-0.1), 'rho'),
+        (dict(ratio_band=0.5), 'ratio_band'),
+        (dict(update_after=1.0), 'update_after'),
+        (dict(excess_smoothing=1.0), 'excess_smoothing'),
+        (dict(excess='ratio'), 'excess'),
+        (dict(ema_decay=1.0), 'ema_decay'),
     ]
 
 
@@ -315,7 +320,7 @@ def test_warmup_phases_gate_recording_updates_and_ratio_drift(fake_state, tmp_pa
         state.get_elapsed_duration = lambda: progress
         state.timestamp = Timestamp(batch=10 * step, sample=40 * step)
         _evaluate(callback, state, logger, [3.0 + 1.0 / step, 2.0 + 1.0 / step, 2.5 + 0.2 / step])
-        recorded = len(callback.predictors[0].losses)
+        recorded = len(callback.reference.predictors[0].losses)
         assert recorded == max(0, step - 1), progress  # from 0.2 on
         if progress < 0.5:
             np.testing.assert_array_equal(mixture.weights, start)
@@ -327,6 +332,29 @@ def test_warmup_phases_gate_recording_updates_and_ratio_drift(fake_state, tmp_pa
         else:
             assert not np.allclose(callback.ratio, start)
         assert np.all(callback.ratio <= 1.5 * start + 1e-12) and np.all(callback.ratio >= start / 1.5 - 1e-12)
+
+
+@pytest.mark.parametrize('kind', ['absolute', 'relative'])
+def test_excess_is_the_smoothed_gap_to_the_reference(fake_state, tmp_path, kind):
+    from types import SimpleNamespace
+
+    from composer.core import Event
+    from composer.loggers import Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    state = SimpleNamespace(**vars(fake_state))
+    ref = np.array([2.0, 4.0, 1.0])
+    callback = DROReweightCallback(domains=DOMAINS, reference_loss=ref.tolist(), excess=kind, excess_smoothing=0.5,
+                                   history_folder=str(tmp_path / '{run_name}'), plot_interval=0)
+    logger = Logger(state, [])
+    callback.run_event(Event.FIT_START, state, logger)
+    gap = (lambda x: x - ref) if kind == 'absolute' else (lambda x: np.log(x / ref))
+    first, second = np.array([3.0, 5.0, 1.5]), np.array([2.5, 4.4, 1.2])
+    _evaluate(callback, state, logger, first)
+    np.testing.assert_allclose(callback.excess, gap(first))
+    _evaluate(callback, state, logger, second)
+    np.testing.assert_allclose(callback.excess, 0.5 * gap(first) + 0.5 * gap(second))
 
 
 def test_train_loss_ema_is_per_domain_token_mean(fake_state):
@@ -358,8 +386,8 @@ def test_train_loss_ema_is_per_domain_token_mean(fake_state):
             expected_sum[d] += float(token_loss)
             expected_count[d] += int((labels[row, 1:] != -100).sum())
     callback.run_event(Event.BATCH_END, state, logger)
-    np.testing.assert_allclose(callback.train_loss_ema[[0, 2]], (expected_sum / np.maximum(expected_count, 1))[[0, 2]])
-    assert np.isnan(callback.train_loss_ema[1])
+    np.testing.assert_allclose(callback.train_loss.value[[0, 2]], (expected_sum / np.maximum(expected_count, 1))[[0, 2]])
+    assert np.isnan(callback.train_loss.value[1])
 
 
 # ---------------------------------------------------------------- worker (run under `composer -n 2`)

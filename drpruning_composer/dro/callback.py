@@ -10,19 +10,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from composer.core import Callback, State, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
 from drpruning_composer.data.mixture import DynamicMixtureDataset, normalize_proportions
 from drpruning_composer.dro.report import HISTORY_CSV, HISTORY_PNG, plot_history, write_history_csv
-from drpruning_composer.dro.scaling_law import RefLossPredictor
+from drpruning_composer.dro.scaling_law import DomainReferenceLoss
+from drpruning_composer.dro.train_loss import DomainTrainLoss
 from drpruning_composer.dro.update import drift_ratio, dro_step, sheared_step, smooth
 
 log = logging.getLogger(__name__)
 
 UPDATE_RULES = ('dro', 'sheared', 'constant')
+EXCESS_KINDS = ('absolute', 'relative')
 DYNAMIC = 'dynamic'
 EVAL_METRIC = 'LanguageCrossEntropy'
 
@@ -76,14 +77,16 @@ class DROReweightCallback(Callback):
         reference_loss: one loss per domain, or `dynamic` (per-domain scaling-law prediction at the end
             of training, never increasing; no update until every domain has a prediction).
         reference_ratio: one proportion per domain, `dynamic` (starts at the mixture's initial proportions
-            and drifts: p <- (1-ratio_delta) p + ratio_delta q, within a factor `ratio_band` of the start),
-            or None (the mixture's initial proportions, fixed).
+            and drifts with `dro`'s updates: p <- (1-ratio_delta) p + ratio_delta q, within a factor `ratio_band`
+            of the start), or None (the mixture's initial proportions, fixed). Only `dro` reads it.
         record_after, update_after, ratio_after: fractions of `max_duration` before which evaluations are not
             recorded for the reference-loss fit (the first steps are transient), the weights are not updated, and
             the reference ratio does not drift (the reference implementation's 2%, 10% and 20%).
         excess_smoothing: decay of an exponential moving average of the excess loss (loss - reference loss)
             that the update reads; it averages evaluation noise before the update's winner-take-most step.
             0 disables it. 0.5 halves the weights' jitter at a lag of about two updates (README: the DRO signal).
+        excess: `absolute` (loss - reference loss, as in the paper) or `relative` (log(loss / reference loss):
+            unit-free, comparable across domains whose losses differ in scale).
         use_train_loss_ema: use a per-domain EMA (decay `ema_decay`) of the training loss instead of eval loss.
         min_fit_points: evaluations needed before the scaling law is fitted.
         final_num_params: P at the end of training for the prediction (default: the pruning algorithm's target
@@ -109,6 +112,7 @@ class DROReweightCallback(Callback):
         update_after: float = 0.1,
         ratio_after: float = 0.2,
         excess_smoothing: float = 0.5,
+        excess: str = 'absolute',
         use_train_loss_ema: bool = False,
         ema_decay: float = 0.9,
         min_fit_points: int = 5,
@@ -134,10 +138,10 @@ class DROReweightCallback(Callback):
                            ('ratio_after', ratio_after)):
             if not 0 <= value < 1:
                 raise ValueError(f'`{key}` must be a fraction of the run in [0, 1), got {value}')
+        if excess not in EXCESS_KINDS:
+            raise ValueError(f'`excess` must be one of {EXCESS_KINDS}, got {excess!r}')
         if not 0 <= excess_smoothing < 1:
             raise ValueError(f'`excess_smoothing` must be in [0, 1), got {excess_smoothing}')
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f'`ema_decay` must be in [0, 1), got {ema_decay}')
         if isinstance(reference_loss, str):
             if reference_loss != DYNAMIC:
                 raise ValueError(f'`reference_loss` must be a list or {DYNAMIC!r}, got {reference_loss!r}')
@@ -163,27 +167,25 @@ class DROReweightCallback(Callback):
         self.update_after = float(update_after)
         self.ratio_after = float(ratio_after)
         self.excess_smoothing = float(excess_smoothing)
+        self.excess_kind = excess
         self.use_train_loss_ema = bool(use_train_loss_ema)
-        self.ema_decay = float(ema_decay)
         self.final_num_params = None if final_num_params is None else float(final_num_params)
         self.history_folder = history_folder
         if plot_interval < 0:
             raise ValueError(f'`plot_interval` must be >= 0, got {plot_interval}')
         self.plot_interval = int(plot_interval)
-        self.predictors = [RefLossPredictor(min_points=min_fit_points) for _ in self.domains]
+        self.reference = DomainReferenceLoss(n, min_points=min_fit_points)
+        self.train_loss = DomainTrainLoss(n, float(ema_decay))
 
         # Filled at fit start from the mixture, or restored from a checkpoint.
         self.initial_ratio: np.ndarray | None = None
         self.ratio: np.ndarray | None = None
         self.ref_loss: np.ndarray | None = None if self.static_ref_loss is None else self.static_ref_loss.copy()
-        self.train_loss_ema = np.full(n, np.nan)
         self.excess: np.ndarray | None = None
         self.num_params: float | None = None
         self.num_updates = 0
         self.rows: list[dict[str, Any]] = []
         self._evaluated: set[str] = set()
-        self._batch_loss_sum = np.zeros(n)
-        self._batch_loss_count = np.zeros(n)
 
     # ---------------------------------------------------------------- validation
     def _mixture(self, state: State) -> DynamicMixtureDataset:
@@ -209,42 +211,14 @@ class DROReweightCallback(Callback):
 
     # ---------------------------------------------------------------- train-loss EMA
     def after_loss(self, state: State, logger: Logger) -> None:
-        if not self.use_train_loss_ema:
-            return
-        outputs = state.outputs
-        logits = outputs['logits'] if isinstance(outputs, dict) else outputs.logits
-        labels = state.batch['labels']
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].detach().float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction='none',
-        ).view(labels.shape[0], -1)
-        valid = (labels[:, 1:] != -100).float()
-        domain = state.batch['domain_idx'].long()
-        n = len(self.domains)
-        sums = torch.zeros(n, dtype=torch.float64, device=logits.device)
-        counts = torch.zeros(n, dtype=torch.float64, device=logits.device)
-        sums.index_add_(0, domain, token_loss.sum(1).double())
-        counts.index_add_(0, domain, valid.sum(1).double())
-        self._batch_loss_sum += sums.cpu().numpy()
-        self._batch_loss_count += counts.cpu().numpy()
+        if self.use_train_loss_ema:
+            outputs = state.outputs
+            logits = outputs['logits'] if isinstance(outputs, dict) else outputs.logits
+            self.train_loss.accumulate(logits, state.batch['labels'], state.batch['domain_idx'])
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if not self.use_train_loss_ema:
-            return
-        totals = state.device.tensor_to_device(
-            torch.tensor(np.concatenate([self._batch_loss_sum, self._batch_loss_count]), dtype=torch.float64),
-        )
-        dist.all_reduce(totals)
-        totals = totals.cpu().numpy()
-        n = len(self.domains)
-        for d in range(n):
-            if totals[n + d] > 0:
-                mean = totals[d] / totals[n + d]
-                previous = self.train_loss_ema[d]
-                self.train_loss_ema[d] = mean if np.isnan(previous) else (
-                    self.ema_decay * previous + (1 - self.ema_decay) * mean
-                )
-        self._batch_loss_sum[:] = 0
-        self._batch_loss_count[:] = 0
+        if self.use_train_loss_ema:
+            self.train_loss.end_batch(state.device)
 
     # ---------------------------------------------------------------- reweighting
     def eval_end(self, state: State, logger: Logger) -> None:
@@ -260,7 +234,7 @@ class DROReweightCallback(Callback):
 
     def _current_losses(self, state: State) -> np.ndarray | None:
         if self.use_train_loss_ema:
-            return self.train_loss_ema.copy()
+            return self.train_loss.value.copy()
         labels = [f'eval/{d}' for d in self.domains]
         missing = [label for label in labels if label not in self._evaluated]
         self._evaluated.clear()
@@ -294,13 +268,7 @@ class DROReweightCallback(Callback):
             self.num_params = p_now
         p_now = self.num_params if self.num_params is not None else 1.0
         p_end = self.final_num_params or p_target or p_now
-        predictions = []
-        for d, predictor in enumerate(self.predictors):
-            predictor.add(p_now, tokens[d], losses[d])
-            predictions.append(predictor.predict(p_end, tokens[d] + remaining_tokens * weights[d]))
-        if any(p is None for p in predictions):
-            return None
-        return np.array(predictions, dtype=np.float64)
+        return self.reference.observe_and_predict(p_now, tokens, losses, p_end, tokens + remaining_tokens * weights)
 
     def _reweight(self, state: State, logger: Logger) -> None:
         mixture = self._mixture(state)
@@ -323,13 +291,14 @@ class DROReweightCallback(Callback):
                 self.ref_loss = predicted
         new_weights = weights
         if self.ref_loss is not None and progress >= self.update_after:
-            self.excess = smooth(self.excess, losses - self.ref_loss, self.excess_smoothing)
+            gap = losses - self.ref_loss if self.excess_kind == 'absolute' else np.log(losses / self.ref_loss)
+            self.excess = smooth(self.excess, gap, self.excess_smoothing)
             zero = np.zeros_like(self.excess)
             if self.update == 'dro':
                 new_weights = dro_step(self.excess, zero, self.ratio, self.rho, self.min_prob)
             elif self.update == 'sheared':
                 new_weights = sheared_step(self.excess, zero, weights, self.sheared_lr, self.sheared_smoothing)
-            if self.dynamic_ratio and self.update != 'constant' and progress >= self.ratio_after:
+            if self.dynamic_ratio and self.update == 'dro' and progress >= self.ratio_after:
                 self.ratio = drift_ratio(self.ratio, new_weights, self.ratio_delta, self.initial_ratio, self.ratio_band)
             if self.update != 'constant':
                 new_weights = mixture.set_weights_on_all_ranks(new_weights)
@@ -382,11 +351,11 @@ class DROReweightCallback(Callback):
             'initial_ratio': as_list(self.initial_ratio),
             'ratio': as_list(self.ratio),
             'ref_loss': as_list(self.ref_loss),
-            'train_loss_ema': as_list(self.train_loss_ema),
+            'train_loss_ema': self.train_loss.state_dict(),
             'excess': as_list(self.excess),
             'num_params': self.num_params,
             'num_updates': self.num_updates,
-            'predictors': [p.state_dict() for p in self.predictors],
+            'predictors': self.reference.state_dict(),
             'rows': [dict(r) for r in self.rows],
         }
 
@@ -401,10 +370,9 @@ class DROReweightCallback(Callback):
         self.initial_ratio = as_array(state['initial_ratio'])
         self.ratio = as_array(state['ratio'])
         self.ref_loss = as_array(state['ref_loss']) if self.static_ref_loss is None else self.static_ref_loss.copy()
-        self.train_loss_ema = as_array(state['train_loss_ema'])
+        self.train_loss.load_state_dict(state['train_loss_ema'])
         self.excess = as_array(state.get('excess'))
         self.num_params = state['num_params']
         self.num_updates = int(state['num_updates'])
-        for predictor, predictor_state in zip(self.predictors, state['predictors']):
-            predictor.load_state_dict(predictor_state)
+        self.reference.load_state_dict(state['predictors'])
         self.rows = [dict(r) for r in state['rows']]

@@ -195,3 +195,28 @@ class RefLossPredictor:
         self.losses = [float(v) for v in state['losses']]
         self.prediction = None if state['prediction'] is None else float(state['prediction'])
         self.fit = None if state['fit'] is None else ScalingLawFit(*state['fit'])
+
+
+class DomainReferenceLoss:
+    """One `RefLossPredictor` per domain: observe every domain's eval loss, predict every domain's reference loss."""
+
+    def __init__(self, num_domains: int, min_points: int = 5) -> None:
+        self.predictors = [RefLossPredictor(min_points=min_points) for _ in range(num_domains)]
+
+    def observe_and_predict(self, num_params: float, num_tokens: np.ndarray, losses: np.ndarray,
+                            num_params_end: float, num_tokens_end: np.ndarray) -> np.ndarray | None:
+        """Record (P, T_d, L_d) per domain and predict each at (P_end, T_end_d); None until every domain has one."""
+        predictions = []
+        for d, predictor in enumerate(self.predictors):
+            predictor.add(num_params, num_tokens[d], losses[d])
+            predictions.append(predictor.predict(num_params_end, num_tokens_end[d]))
+        if any(p is None for p in predictions):
+            return None
+        return np.array(predictions, dtype=np.float64)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [p.state_dict() for p in self.predictors]
+
+    def load_state_dict(self, state: list[dict[str, Any]]) -> None:
+        for predictor, predictor_state in zip(self.predictors, state):
+            predictor.load_state_dict(predictor_state)
