@@ -32,6 +32,7 @@ setup(
         'console_scripts': [
             'drpruning-prepare = drpruning_composer.data.prepare:main',
             'drpruning-export = drpruning_composer.pruning.export:main',
+            'drpruning-make-tasks = drpruning_composer.data.tasks:main',
         ],
         'llmfoundry_algorithms': [
             'l0_mask = drpruning_composer.pruning.algorithm:L0MaskAlgorithm',

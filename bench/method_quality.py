@@ -4,9 +4,10 @@ For every rule and seed it runs `composer train.py` on the demo's pruning recipe
 domains; with `--continue`, then continued pretraining of the export) and evaluates the exported model on the
 **whole** val split of every domain. It prints, as mean +- standard error over seeds: per-domain loss, mean loss,
 worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
-time; then the same metrics as per-seed differences against `constant` (paired by seed, which removes the seed noise
-that dominates unpaired comparisons). It writes `results.json` and `results.png` (per-domain bars with error bars,
-and the weight trajectories of the first seed) under `--out`.
+time, and with `--tasks` each domain's multiple-choice continuation accuracy (`drpruning-make-tasks`) and their
+average, as the paper's per-domain table; then the same metrics as per-seed differences against `constant` (paired
+by seed, which removes the seed noise that dominates unpaired comparisons). It writes `results.json` and
+`results.png` (per-domain bars with error bars, and the weight trajectories of the first seed) under `--out`.
 
 Rules: `constant` (the reference ratio, fixed), `uniform` (equal weights, fixed), `sheared` (Sheared-LLaMA's dynamic
 batch loading), `dro` (DRPruning: chi-square DRO step, dynamic reference loss and ratio). The reference ratio is the
@@ -14,6 +15,10 @@ data folder's natural token proportions unless `--proportions` gives it.
 
     python bench/method_quality.py                                   # the demo's data and source, 3 seeds
     python bench/method_quality.py --data DIR --source MODEL --rules constant dro --seeds 1 2 3 4
+    python bench/method_quality.py --variant dro-dynamic=callbacks.dro_reweight.reference_loss=dynamic
+
+A `--variant NAME=KEY=VALUE[ KEY=VALUE...]` is one more rule: `dro` with those overrides, run on the same seeds and
+paired against every other rule like `dro`.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import add_data_arguments, data_and_source, domains_of, recipe, train  # noqa: E402
 
 RULES = ('constant', 'uniform', 'sheared', 'dro')
-METRICS = ('mean_loss', 'worst_loss', 'worst_degradation', 'wall_s')
+METRICS = ('mean_loss', 'worst_loss', 'worst_degradation', 'mean_accuracy', 'wall_s')
 QUICK = ['max_duration=6ba', 'eval_interval=2ba', 'save_interval=6ba', 'eval_subset_num_batches=1',
          'global_train_batch_size=4', 'device_train_microbatch_size=4', 'algorithms.l0_mask.lagrangian_warmup=2ba',
          'callbacks.dro_reweight.min_fit_points=4']
@@ -44,10 +49,22 @@ def natural_proportions(data: Path) -> list[float]:
     return (tokens / tokens.sum()).tolist()
 
 
-def rule_overrides(rule: str, proportions: list[float]) -> list[str]:
+def rule_overrides(rule: str, proportions: list[float], variants: dict[str, list[str]]) -> list[str]:
     weights = [1.0 / len(proportions)] * len(proportions) if rule == 'uniform' else proportions
-    update = 'constant' if rule == 'uniform' else rule
-    return [f'train_loader.dataset.proportions={json.dumps(weights)}', f'callbacks.dro_reweight.update={update}']
+    update = 'constant' if rule == 'uniform' else 'dro' if rule in variants else rule
+    return [f'train_loader.dataset.proportions={json.dumps(weights)}', f'callbacks.dro_reweight.update={update}',
+            *variants.get(rule, [])]
+
+
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """`NAME=KEY=VALUE[ KEY=VALUE...]` -> {NAME: [KEY=VALUE, ...]}: named `dro` runs with extra overrides."""
+    variants = {}
+    for spec in specs:
+        name, _, overrides = spec.partition('=')
+        if not name or name in RULES or name in variants or '=' not in overrides:
+            raise ValueError(f'--variant {spec!r}: expected NAME=KEY=VALUE[ KEY=VALUE...] with a new NAME')
+        variants[name] = overrides.split()
+    return variants
 
 
 def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: Path, proportions: list[float],
@@ -63,7 +80,8 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     save = (args.out / f'{rule}-seed{seed}').resolve()
     record = save / 'run.json'
     if not (args.reuse and record.is_file()):
-        common = [*rule_overrides(rule, proportions), f'variables.seed={seed}', 'save_overwrite=true', *overrides]
+        common = [*rule_overrides(rule, proportions, args.variants), f'variables.seed={seed}', 'save_overwrite=true',
+                  *overrides]
         start = time.perf_counter()
         train(recipe('prune.yaml', data, source, save, [*common, f'run_name={rule}-seed{seed}']), save / 'prune.log')
         model, history = save / 'pruned_hf', save / 'dro' / 'history.csv'
@@ -75,8 +93,8 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
         record.write_text(json.dumps({'model': str(model), 'history': str(history),
                                       'wall_s': time.perf_counter() - start}))
     run = json.loads(record.read_text())
-    if 'loss' not in run:
-        run.update(evaluate([run['model']], str(data), max_samples=None)[0])
+    if 'loss' not in run or (args.tasks and 'accuracy' not in run):
+        run.update(evaluate([run['model']], str(data), max_samples=None, tasks=args.tasks)[0])
         record.write_text(json.dumps(run))
     _, run['history'] = read_history_csv(run['history'])
     return run
@@ -91,12 +109,13 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[str, tuple[float, float]]:
     """Mean +- s.e. over the seeds both rules ran of the per-seed difference `rule - baseline`, per metric."""
     seeds = [s for s in runs[rule] if s in runs[baseline]]
-    return {m: mean_se([runs[rule][s][m] - runs[baseline][s][m] for s in seeds]) for m in METRICS if m != 'wall_s'}
+    return {m: mean_se([runs[rule][s][m] - runs[baseline][s][m] for s in seeds])
+            for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]]}
 
 
-def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float]) -> dict:
-    """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`,
-    also against every other rule (the comparisons the method must win)."""
+def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str]) -> dict:
+    """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`
+    and its variants (`challengers`), also against every other rule (the comparisons the method must win)."""
     from drpruning_composer.evaluate import degradation
 
     for seeds in runs.values():
@@ -104,18 +123,24 @@ def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float]) -
             r['worst_degradation'] = max(degradation(r['loss'], source_loss).values())
     summary = {}
     for rule, seeds in runs.items():
-        entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS}
-        entry['loss'] = {d: mean_se([r['loss'][d] for r in seeds.values()]) for d in source_loss}
+        entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS if m in next(iter(seeds.values()))}
+        for quantity in ('loss', 'accuracy'):
+            if quantity in next(iter(seeds.values())):
+                entry[quantity] = {d: mean_se([r[quantity][d] for r in seeds.values()]) for d in source_loss}
         if rule != 'constant' and 'constant' in runs:
             entry['minus_constant'] = paired(runs, rule, 'constant')
-        if rule == 'dro':
-            entry['minus'] = {other: paired(runs, 'dro', other) for other in runs if other != 'dro'}
+        if rule in challengers:
+            entry['minus'] = {other: paired(runs, rule, other) for other in runs if other != rule}
         summary[rule] = entry
     return summary
 
 
 def _pm(value: tuple[float, float], digits: int = 4) -> str:
     return f'{value[0]:.{digits}f}+-{value[1]:.{digits}f}'
+
+
+def _percent(value: tuple[float, float]) -> tuple[float, float]:
+    return 100 * value[0], 100 * value[1]
 
 
 def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: dict[str, int]) -> None:
@@ -128,9 +153,18 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
         print(f'{rule:<9} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
               + f" {_pm(e['mean_loss']):>16} {_pm(e['worst_loss']):>16} {_pm(e['worst_degradation']):>16}"
               + f" {_pm(e['wall_s'], 0):>10}")
-    print('\n== paired by seed: rule - baseline (mean +- s.e. of the per-seed differences; < 0 is better)')
+    if all('accuracy' in e for e in summary.values()):
+        print(f'\n== per-domain continuation accuracy (%), mean +- s.e. over {num_seeds} seeds')
+        head = f"{'rule':<9} " + ' '.join(f'{d:>14}' for d in domains) + f" {'average':>14}"
+        print(head + '\n' + '-' * len(head))
+        for rule, e in summary.items():
+            print(f'{rule:<9} ' + ' '.join(f'{_pm(_percent(e["accuracy"][d]), 2):>14}' for d in domains)
+                  + f" {_pm(_percent(e['mean_accuracy']), 2):>14}")
+    print('\n== paired by seed: rule - baseline (mean +- s.e. of the per-seed differences; < 0 is better, '
+          'except accuracy)')
     pairs = [(rule, 'constant', e['minus_constant']) for rule, e in summary.items() if 'minus_constant' in e]
-    pairs += [('dro', other, v) for other, v in summary.get('dro', {}).get('minus', {}).items() if other != 'constant']
+    pairs += [(rule, other, v) for rule, e in summary.items() for other, v in e.get('minus', {}).items()
+              if other != 'constant']
     for rule, baseline, values in pairs:
         print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
 
@@ -141,7 +175,7 @@ def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    dynamic = [r for r in runs if r in ('sheared', 'dro')]
+    dynamic = [r for r in runs if r not in ('constant', 'uniform')]
     fig, axes = plt.subplots(1, 1 + len(dynamic), figsize=(6 + 5 * len(dynamic), 4.5))
     axes = np.atleast_1d(axes)
     width = 0.8 / len(summary)
@@ -176,11 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--continue', dest='continue_pretraining', action='store_true',
                    help='also continue pretraining each export (yamls/demo/continue.yaml) and judge that model')
     p.add_argument('--quick', action='store_true', help='a few batches per run: a smoke test, not a measurement')
+    p.add_argument('--variant', action='append', default=[],
+                   help='NAME=KEY=VALUE[ KEY=VALUE...]: one more rule, `dro` with these overrides (repeatable)')
     p.add_argument('--override', action='append', default=[], help='YAML override for every run (repeatable)')
     p.add_argument('--reuse', action='store_true', help='keep finished runs under --out')
+    p.add_argument('--tasks', type=Path, default=None,
+                   help='per-domain continuation tasks (drpruning-make-tasks) to score every model on; built from '
+                        "--data with the source's tokenizer if the folder does not exist")
     args = p.parse_args(argv)
     from drpruning_composer.evaluate import evaluate, read_split
 
+    try:
+        args.variants = parse_variants(args.variant)
+    except ValueError as e:
+        p.error(str(e))
+    rules = [*args.rules, *args.variants]
     data, source = data_and_source(args)
     domains = domains_of(data)
     proportions = args.proportions or natural_proportions(data)
@@ -188,19 +232,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f'--proportions needs one value per domain {domains}')
     overrides = (QUICK if args.quick else []) + args.override
     args.out.mkdir(parents=True, exist_ok=True)
-    source_loss = evaluate([str(source)], str(data), max_samples=None)[0]['loss']
+    if args.tasks and not args.tasks.exists():
+        from drpruning_composer.data.tasks import make_tasks
+
+        make_tasks(data, str(source), args.tasks)
+    source_eval = evaluate([str(source)], str(data), max_samples=None, tasks=args.tasks)[0]
+    source_loss = source_eval['loss']
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every rule for the seeds it finished
-        for rule in args.rules:
+        for rule in rules:
             print(f'== {rule}, seed {seed}', flush=True)
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
-    summary = summarise(runs, source_loss)
+    summary = summarise(runs, source_loss, [r for r in rules if r == 'dro' or r in args.variants])
     samples = {d: len(read_split(data, d, 'val')) for d in domains}
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))
+    if args.tasks:
+        print('source accuracy (%): ' + ' '.join(f'{d} {100 * source_eval["accuracy"][d]:.2f}' for d in domains)
+              + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
     print_summary(summary, domains, len(args.seeds), samples)
     result = {'data': str(data), 'source': str(source), 'proportions': proportions, 'seeds': args.seeds,
-              'overrides': overrides, 'samples': samples, 'source_loss': source_loss, 'summary': summary,
+              'overrides': overrides, 'samples': samples, 'source_loss': source_loss,
+              'source_accuracy': source_eval.get('accuracy'), 'summary': summary,
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
     (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
     plot(args.out / 'results.png', summary, runs, domains)

@@ -94,6 +94,20 @@ def check_data(cfg: DictConfig) -> None:
                 raise ConfigError(f'{k}: data folder {folder} does not exist')
 
 
+def check_icl_tasks(cfg: DictConfig) -> None:
+    """`icl_tasks` given as a file (e.g. drpruning-make-tasks' tasks.yaml) must exist, and so must each local task."""
+    tasks = cfg.get('icl_tasks')
+    if isinstance(tasks, str):
+        if not os.path.isfile(tasks):
+            raise ConfigError(f'icl_tasks: {tasks} does not exist (drpruning-make-tasks --data DATA --tokenizer TOK '
+                              '--out DIR writes DIR/tasks.yaml)')
+        tasks = om.load(tasks).get('icl_tasks') or []
+    for i, task in enumerate(tasks or []):
+        uri = str(task.get('dataset_uri', ''))
+        if '://' not in uri and not os.path.isfile(uri):
+            raise ConfigError(f'icl_tasks[{i}].dataset_uri: {uri} does not exist')
+
+
 def check_model_paths(cfg: DictConfig) -> None:
     model_path = (cfg.get('model') or {}).get('pretrained_model_name_or_path')
     tokenizer_name = (cfg.get('tokenizer') or {}).get('name')
@@ -126,6 +140,9 @@ def check_dro(cfg: DictConfig) -> None:
     if cfg.train_loader.get('name') != 'dynamic_mixture':
         raise ConfigError('callbacks.dro_reweight: needs train_loader.name: dynamic_mixture, '
                           f'got {cfg.train_loader.get("name")!r}')
+    if dro.get('reference_loss') == 'source' and not is_true(cfg.get('eval_first')):
+        raise ConfigError('callbacks.dro_reweight.reference_loss: source is the loss of the first evaluation; set '
+                          'eval_first: true so that it is the unchanged source model, evaluated before the first batch')
     labels = [str(loader.get('label')) for _, loader in _eval_loaders(cfg)]
     try:
         check_domains(domains, list(dataset.get('domains') or []), labels, bool(dro.get('use_train_loss_ema', False)))
@@ -173,6 +190,7 @@ def check_config(cfg: DictConfig) -> None:
     check_components(cfg)
     check_model_paths(cfg)
     check_data(cfg)
+    check_icl_tasks(cfg)
     check_dro(cfg)
 
 

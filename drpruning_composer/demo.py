@@ -72,12 +72,15 @@ def report(out: Path, timings: dict[str, float]) -> dict:
             print(f'\n== domain weights over time: {run} ({csv.with_suffix(".png")})')
             print(format_trajectory(domains, rows))
     found = {k: v for k, v in models(out).items() if v.is_dir()}
-    rows = evaluate([str(p) for p in found.values()], str(out / 'data'))
+    rows = evaluate([str(p) for p in found.values()], str(out / 'data')) if found else []
     for name, row in zip(found, rows):
         row['model'] = name
-    counts = ', '.join(f'{d} {n}' for d, n in rows[0]['samples'].items())
-    print(f'\n== per-domain validation loss (whole val splits: {counts} samples)')
-    print(format_table(rows))
+    if rows:
+        counts = ', '.join(f'{d} {n}' for d, n in rows[0]['samples'].items())
+        print(f'\n== per-domain validation loss (whole val splits: {counts} samples)')
+        print(format_table(rows))
+    else:
+        print(f'\n== no model to evaluate yet under {out / "runs"} (the pretrain stage makes the first)')
     if 'source' in found:
         print('\n== degradation against the source, L / L_source (lower is better; one seed, see bench/method_quality.py)')
         print(format_degradation(rows[1:], rows[0]['loss']))

@@ -1,9 +1,10 @@
-"""Per-domain validation loss of Hugging Face model folders on prepared MDS data.
+"""Per-domain validation loss, and per-domain task accuracy, of Hugging Face model folders on prepared MDS data.
 
-``python -m drpruning_composer.evaluate --data DATA MODEL [MODEL ...]`` prints one row per model and one column
-per domain (mean next-token cross-entropy over the whole val split, or its first `--max-samples` samples), plus the
-parameter count,
-and can write the table as JSON. It loads models with plain `transformers`, so it also checks that an exported
+``python -m drpruning_composer.evaluate --data DATA [--tasks TASKS] MODEL [MODEL ...]`` prints one row per model and
+one column per domain (mean next-token cross-entropy over the whole val split, or its first `--max-samples` samples),
+plus the parameter count, and with `--tasks` (written by `drpruning-make-tasks`) the accuracy on each domain's
+multiple-choice continuation task, scored as llm-foundry's `InContextLearningMultipleChoiceAccuracy` scores it.
+It can write the table as JSON. It loads models with plain `transformers`, so it also checks that an exported
 model is a valid Hugging Face folder.
 """
 
@@ -56,13 +57,77 @@ def domain_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int = 16
     return total / count
 
 
+def choose(mean_nll: Sequence[float]) -> int:
+    """The choice a multiple-choice metric picks: lowest mean negative log-likelihood of the continuation (lowest
+    perplexity), the first one on a tie, as llm-foundry's `InContextLearningMultipleChoiceAccuracy` does."""
+    return int(np.argmin(np.asarray(mean_nll)))
+
+
+def encode_item(tokenizer, item: dict, max_seq_len: int) -> list[tuple[list[int], int]]:
+    """Each choice as (context + continuation token ids, continuation length), tokenized as llm-foundry's
+    multiple-choice dataset does with `continuation_delimiter: ''` and `strip_dataset: false`: the tokenizer's
+    special-token preamble (without a trailing EOS), the query and the choice tokenized separately (a leading space
+    added to the choice for tokenizers that need one), and the context cut from the left to fit `max_seq_len`."""
+    from llmfoundry.eval.datasets.utils import tokenizer_needs_prefix_space
+
+    preamble = tokenizer('')['input_ids']
+    if preamble and preamble[-1] == tokenizer.eos_token_id:
+        preamble = preamble[:-1]
+    context = preamble + tokenizer(item['query'], add_special_tokens=False)['input_ids']
+    prefix_space = tokenizer_needs_prefix_space(tokenizer)
+    encoded = []
+    for choice in item['choices']:
+        if prefix_space and not choice.startswith(' '):
+            choice = ' ' + choice
+        answer = tokenizer(choice, add_special_tokens=False)['input_ids']
+        kept = context[max(len(context) + len(answer) - max_seq_len, 0):]
+        encoded.append((kept + answer, len(answer)))
+    return encoded
+
+
+@torch.no_grad()
+def task_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict], max_seq_len: int,
+                  batch_size: int = 64) -> float:
+    """Fraction of items whose gold choice has the lowest mean continuation loss (`choose`)."""
+    sequences = [(i, ids, n) for i, item in enumerate(items) for ids, n in encode_item(tokenizer, item, max_seq_len)]
+    nll = [[] for _ in items]
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(ids) for _, ids, _ in chunk)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (_, ids, _) in enumerate(chunk):  # right padding: causal attention never sees it
+            x[row, :len(ids)] = torch.tensor(ids)
+        logits = model(input_ids=x).logits
+        for row, (i, ids, n) in enumerate(chunk):
+            positions = torch.arange(len(ids) - n, len(ids))
+            logp = torch.log_softmax(logits[row, positions - 1].float(), dim=-1)
+            nll[i].append(float(-logp[torch.arange(n), x[row, positions]].mean()))
+    return float(np.mean([choose(scores) == item['gold'] for scores, item in zip(nll, items)]))
+
+
+def read_tasks(tasks: str | Path) -> dict[str, tuple[list[dict], int]]:
+    """Per domain: the items of `TASKS/{domain}.jsonl` and the task's max_seq_len, as `drpruning-make-tasks` wrote."""
+    from omegaconf import OmegaConf as om
+
+    out = {}
+    for task in om.to_container(om.load(Path(tasks) / 'tasks.yaml'))['icl_tasks']:
+        path = Path(task['dataset_uri'])
+        domain = path.stem
+        with open(Path(tasks) / path.name) as f:
+            out[domain] = ([json.loads(line) for line in f], int(task['max_seq_len']))
+    return out
+
+
 def evaluate(models: Sequence[str], data: str, domains: Sequence[str] | None = None,
-             max_samples: int | None = None) -> list[dict]:
-    from transformers import AutoModelForCausalLM
+             max_samples: int | None = None, tasks: str | Path | None = None) -> list[dict]:
+    """Per model: per-domain loss on the val split, mean and worst loss, and with `tasks` per-domain accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = json.loads((Path(data) / 'manifest.json').read_text())
     domains = list(domains or manifest['domains'])
     tokens = {d: read_split(data, d, 'val', max_samples) for d in domains}
+    task_items = read_tasks(tasks) if tasks else {}
+    task_tokenizer = json.loads((Path(tasks) / 'manifest.json').read_text())['tokenizer'] if tasks else None
     rows = []
     for path in models:
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
@@ -71,6 +136,11 @@ def evaluate(models: Sequence[str], data: str, domains: Sequence[str] | None = N
                      'samples': {d: len(tokens[d]) for d in domains},
                      'mean_loss': float(np.mean(list(losses.values()))),
                      'worst_loss': float(max(losses.values()))})
+        if task_items:
+            has_tokenizer = any((Path(path) / f).is_file() for f in ('tokenizer.json', 'tokenizer_config.json'))
+            tokenizer = AutoTokenizer.from_pretrained(path if has_tokenizer else task_tokenizer)
+            accuracy = {d: task_accuracy(model, tokenizer, *task_items[d]) for d in domains if d in task_items}
+            rows[-1].update(accuracy=accuracy, mean_accuracy=float(np.mean(list(accuracy.values()))))
     return rows
 
 
@@ -104,17 +174,33 @@ def format_table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
+def format_accuracy(rows: list[dict]) -> str:
+    """One line per row: per-domain task accuracy (%) and their average, as the paper's per-domain table."""
+    domains = list(rows[0]['accuracy'])
+    head = f"{'model':<40} " + ' '.join(f'{d:>10}' for d in domains) + f" {'average':>8}"
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        name = r['model'] if len(r['model']) <= 40 else '...' + r['model'][-37:]
+        lines.append(f'{name:<40} ' + ' '.join(f"{100 * r['accuracy'][d]:>10.2f}" for d in domains)
+                     + f" {100 * r['mean_accuracy']:>8.2f}")
+    return '\n'.join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog='python -m drpruning_composer.evaluate', description=__doc__.split('\n')[0])
     p.add_argument('models', nargs='+', help='Hugging Face model folders')
     p.add_argument('--data', required=True, help='prepared data folder (with manifest.json)')
     p.add_argument('--domains', nargs='*', default=None)
+    p.add_argument('--tasks', default=None, help='folder written by drpruning-make-tasks: also report accuracy')
     p.add_argument('--max-samples', type=int, default=None, help='first N val samples per domain (default: all)')
     p.add_argument('--json', default=None, help='also write the rows to this JSON file')
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    rows = evaluate(args.models, args.data, args.domains, args.max_samples)
+    rows = evaluate(args.models, args.data, args.domains, args.max_samples, args.tasks)
     print(format_table(rows))
+    if args.tasks:
+        print('\nper-domain task accuracy (%)')
+        print(format_accuracy(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + '\n')
     return 0

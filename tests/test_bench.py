@@ -20,11 +20,12 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
     overrides = ['variables.max_seq_len=64', *(f'algorithms.l0_mask.target.{k}={v}' for k, v in TINY_TARGET.items())]
     cmd = [sys.executable, 'bench/method_quality.py', '--quick', '--data', str(tiny_demo / 'data'), '--source',
            str(source), '--out', str(out), '--rules', 'constant', 'dro', '--seeds', '1', '2',
+           '--variant', 'dro-source=callbacks.dro_reweight.reference_loss=source eval_first=true',
            *(f'--override={o}' for o in overrides)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / 'results.json').read_text())
-    assert set(result['runs']) == {'constant', 'dro'} and (out / 'results.png').stat().st_size > 0
+    assert set(result['runs']) == {'constant', 'dro', 'dro-source'} and (out / 'results.png').stat().st_size > 0
     for rule, seeds in result['runs'].items():
         assert set(seeds) == {'1', '2'}
         for run in seeds.values():
@@ -32,4 +33,9 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
             config = AutoConfig.from_pretrained(run['model'])
             assert {k: getattr(config, k) for k in TINY_TARGET} == TINY_TARGET
     assert set(result['summary']['dro']['minus_constant']) == {'mean_loss', 'worst_loss', 'worst_degradation'}
+    assert set(result['summary']['dro-source']['minus']) == {'constant', 'dro'}
+    for seed in ('1', '2'):  # the variant measured its reference at batch 0, before any update
+        rows = result['runs']['dro-source'][seed]['history']
+        assert rows[0]['batch'] == 0 and rows[0]['update'] == 0
+        assert all(r[f'ref_loss/{d}'] == rows[0][f'loss/{d}'] for r in rows for d in DOMAINS)
     assert 'paired by seed' in proc.stdout

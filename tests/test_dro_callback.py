@@ -161,6 +161,7 @@ def _bad_callback_cases():
         (dict(reference_loss=[1.0, 2.0]), 'reference_loss'),
         (dict(reference_loss=[1.0, -2.0, 1.0]), 'reference_loss'),
         (dict(reference_loss='learned'), 'reference_loss'),
+        (dict(reference_loss='source', use_train_loss_ema=True), 'use_train_loss_ema'),
         (dict(reference_ratio=[0.5, 0.5]), 'reference_ratio'),
         (dict(reference_ratio=[0.5, -0.5, 1.0]), 'reference_ratio'),
         (dict(domains=['noise', 'noise', 'repeat']), 'distinct'),
@@ -355,6 +356,52 @@ def test_excess_is_the_smoothed_gap_to_the_reference(fake_state, tmp_path, kind)
     np.testing.assert_allclose(callback.excess, gap(first))
     _evaluate(callback, state, logger, second)
     np.testing.assert_allclose(callback.excess, 0.5 * gap(first) + 0.5 * gap(second))
+
+
+def test_source_reference_is_the_first_evaluation_and_survives_a_checkpoint(fake_state, tmp_path, caplog):
+    """`reference_loss: source`: the batch-0 evaluation sets the reference and moves nothing; later, the weights go
+    to the domain that degraded most *relatively*, though another has the larger absolute rise."""
+    from types import SimpleNamespace
+
+    from composer.core import Event, Timestamp
+    from composer.loggers import Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    state = SimpleNamespace(**vars(fake_state))
+    state.get_elapsed_duration = lambda: 0.0
+    state.timestamp = Timestamp(batch=0, sample=0)
+    kwargs = dict(domains=DOMAINS, reference_loss='source', excess='relative', excess_smoothing=0.0,
+                  history_folder=str(tmp_path / '{run_name}'), plot_interval=0)
+    callback = DROReweightCallback(**kwargs)
+    logger = Logger(state, [])
+    callback.run_event(Event.FIT_START, state, logger)
+    mixture = state.train_dataloader.dataset
+    start = mixture.weights
+    source = np.array([4.0, 1.0, 2.0])
+    _evaluate(callback, state, logger, source)
+    np.testing.assert_array_equal(callback.ref_loss, source)
+    np.testing.assert_array_equal(mixture.weights, start)
+    assert callback.num_updates == 0
+
+    state.get_elapsed_duration = lambda: 0.5
+    state.timestamp = Timestamp(batch=10, sample=40)
+    later = np.array([4.4, 1.2, 2.0])  # +0.4 (10%) on the first domain, +0.2 (20%) on the second
+    _evaluate(callback, state, logger, later)
+    np.testing.assert_allclose(callback.excess, np.log(later / source))
+    np.testing.assert_array_equal(callback.ref_loss, source)  # measured once, never refitted
+    assert mixture.weights[1] == mixture.weights.max() and mixture.weights[1] > start[1]
+
+    restored = DROReweightCallback(**kwargs)
+    restored.load_state_dict(callback.state_dict())
+    np.testing.assert_array_equal(restored.ref_loss, source)
+
+    late = DROReweightCallback(**kwargs)
+    late.run_event(Event.FIT_START, state, logger)
+    with caplog.at_level('WARNING'):
+        _evaluate(late, state, logger, later)
+    assert 'eval_first: true' in caplog.text
+    np.testing.assert_array_equal(late.ref_loss, later)
 
 
 def test_train_loss_ema_is_per_domain_token_mean(fake_state):

@@ -77,6 +77,8 @@ def test_dro_domain_mismatch_fails_before_training(tiny_demo):
         load_and_check(PRUNE, [*base, 'callbacks.dro_reweight.domains=[c_headers,prose,python,recs]'])
     with pytest.raises(ConfigError, match=r'^train_loader.dataset.local: data folder .*/data/code/train does not'):
         load_and_check(PRUNE, [*base, 'variables.domains=[c_headers,prose,python,code]'])
+    with pytest.raises(ConfigError, match=r'^callbacks.dro_reweight.reference_loss: source .* eval_first: true'):
+        load_and_check(PRUNE, [*base, 'callbacks.dro_reweight.reference_loss=source', 'eval_first=false'])
     cfg = load_and_check(PRUNE, base)
     del cfg.eval_loader[3]
     with pytest.raises(ConfigError, match=r"^callbacks.dro_reweight.domains: \['records'\] have no eval loader"):
@@ -115,3 +117,11 @@ def test_plain_llmfoundry_train_finds_components_by_entry_point(tiny_demo, tmp_p
     weights = [[float(r[f'weight/{d}']) for d in DOMAINS] for r in rows]
     assert len(weights) == 2 and all(abs(sum(w) - 1) < 1e-6 for w in weights)
     assert weights[-1] != [0.25] * 4  # a static reference loss lets DRO move the mixture at once
+
+
+def test_demo_report_before_any_model_says_so(tiny_demo, capsys):
+    """`python -m drpruning_composer.demo --stages data` ends with a report that has no model to evaluate."""
+    from drpruning_composer.demo import report
+
+    result = report(tiny_demo, {'data': 1.0})
+    assert result['losses'] == [] and 'no model to evaluate yet' in capsys.readouterr().out

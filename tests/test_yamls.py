@@ -19,7 +19,9 @@ CLUSTER = {'prune_1.3b.yaml': (LLAMA2_7B, (24, 2048, 16, 16, 5504)),
            'prune_2.7b.yaml': (LLAMA2_7B, (32, 2560, 20, 20, 6912)),
            'prune_llama3_8b_to_3b.yaml': (LLAMA31_8B, (28, 3072, 24, 8, 8192))}
 FIELDS = ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads', 'intermediate_size')
-ALL_YAMLS = sorted(p.relative_to(REPO / 'yamls').as_posix() for p in (REPO / 'yamls').rglob('*.yaml'))
+EVAL_YAML = 'eval_downstream.yaml'
+ALL_YAMLS = sorted(p.relative_to(REPO / 'yamls').as_posix() for p in (REPO / 'yamls').rglob('*.yaml')
+                   if p.name != EVAL_YAML)
 
 
 def _load(name: str):
@@ -79,3 +81,47 @@ def test_mcli_launch_file_validates(path: Path):
     run = FinalRunConfig.finalize_config(RunConfig.from_file(str(path)))
     yaml = path.name
     assert f'yamls/{yaml}' in run.command and (REPO / 'yamls' / yaml).is_file()
+
+
+def _fake_task_rows(task: dict, n: int = 40) -> list[dict]:
+    """Rows in the format of llm-foundry's task files, for each task type the eval YAML uses."""
+    kind = task['icl_task_type']
+    if kind == 'schema':
+        return [{'context_options': [f'The cup {i} is', f'The jar {i} is'], 'continuation': 'full.', 'gold': i % 2}
+                for i in range(n)]
+    if kind == 'language_modeling':
+        return [{'context': f'One two three {i}', 'continuation': ' four'} for i in range(n)]
+    return [{'query': f'Question {i}: which?', 'choices': ['yes', 'no'], 'gold': i % 2, 'category': f'c{i % 2}'}
+            for i in range(n)]
+
+
+def test_eval_downstream_yaml_runs_llmfoundry_eval_on_local_task_files(tiny_demo, tmp_path):
+    """`llmfoundry eval yamls/eval_downstream.yaml` on a tiny model, with task files of the same names and formats as
+    llm-foundry's local_data written here: every task of the suite is built and reports its metric."""
+    import json
+    import os
+    import re
+    import subprocess
+
+    from llmfoundry.utils.config_utils import EVAL_CONFIG_KEYS
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = om.load(REPO / 'yamls' / EVAL_YAML)
+    assert set(cfg) <= set(EVAL_CONFIG_KEYS), set(cfg) - set(EVAL_CONFIG_KEYS)
+    local = tmp_path / 'local_data'
+    for task in om.to_container(cfg.icl_tasks):
+        path = Path(task['dataset_uri'].replace('${variables.local_data}', str(local)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(''.join(json.dumps(row) + '\n' for row in _fake_task_rows(task)))
+    model = tmp_path / 'model'
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).save_pretrained(model)
+    AutoTokenizer.from_pretrained(tiny_demo / 'tiny_llama').save_pretrained(model)
+    proc = subprocess.run(['llmfoundry', 'eval', str(REPO / 'yamls' / EVAL_YAML), f'variables.model={model}',
+                           f'variables.local_data={local}', 'variables.max_seq_len=64', 'precision=fp32',
+                           'icl_subset_num_batches=1'],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for task in cfg.icl_tasks:
+        assert re.search(rf'metrics/{task.label}/{task.num_fewshot[0]}-shot/', log), task.label

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 UPDATE_RULES = ('dro', 'sheared', 'constant')
 EXCESS_KINDS = ('absolute', 'relative')
 DYNAMIC = 'dynamic'
+SOURCE = 'source'
 EVAL_METRIC = 'LanguageCrossEntropy'
 
 
@@ -74,8 +75,10 @@ class DROReweightCallback(Callback):
             exponentiated update on excess loss) or `constant` (weights fixed, losses still logged).
         rho, min_prob: radius of the chi-square ball and floor on q/p for `dro`.
         sheared_lr, sheared_smoothing: step size and uniform smoothing for `sheared`.
-        reference_loss: one loss per domain, or `dynamic` (per-domain scaling-law prediction at the end
-            of training, never increasing; no update until every domain has a prediction).
+        reference_loss: one loss per domain; `dynamic` (per-domain scaling-law prediction at the end of training,
+            at the target size while pruning; no update until every domain has a prediction); or `source` (each
+            domain's loss at the first evaluation, which llm-foundry's `eval_first: true` makes the evaluation of
+            the unchanged source model before the first batch: the excess is then each domain's degradation).
         reference_ratio: one proportion per domain, `dynamic` (starts at the mixture's initial proportions
             and drifts with `dro`'s updates: p <- (1-ratio_delta) p + ratio_delta q, within a factor `ratio_band`
             of the start), or None (the mixture's initial proportions, fixed). Only `dro` reads it.
@@ -143,8 +146,11 @@ class DROReweightCallback(Callback):
         if not 0 <= excess_smoothing < 1:
             raise ValueError(f'`excess_smoothing` must be in [0, 1), got {excess_smoothing}')
         if isinstance(reference_loss, str):
-            if reference_loss != DYNAMIC:
-                raise ValueError(f'`reference_loss` must be a list or {DYNAMIC!r}, got {reference_loss!r}')
+            if reference_loss not in (DYNAMIC, SOURCE):
+                raise ValueError(f'`reference_loss` must be a list, {DYNAMIC!r} or {SOURCE!r}, got {reference_loss!r}')
+            if reference_loss == SOURCE and use_train_loss_ema:
+                raise ValueError('`reference_loss: source` is the first evaluation\'s loss; it needs eval loaders, '
+                                 'not `use_train_loss_ema`')
             self.static_ref_loss = None
         else:
             self.static_ref_loss = np.array(_check_vector(reference_loss, n, 'reference_loss'))
@@ -156,6 +162,7 @@ class DROReweightCallback(Callback):
             self.static_ratio = normalize_proportions(
                 _check_vector(reference_ratio, n, 'reference_ratio'), n, key='reference_ratio',
             )
+        self.reference_kind = reference_loss if isinstance(reference_loss, str) else 'static'
         self.update = update
         self.rho = float(rho)
         self.min_prob = float(min_prob)
@@ -285,7 +292,12 @@ class DROReweightCallback(Callback):
             return
         elapsed = state.get_elapsed_duration()
         progress = 1.0 if elapsed is None else float(elapsed)
-        if self.static_ref_loss is None and progress >= self.record_after:
+        if self.reference_kind == SOURCE and self.ref_loss is None:
+            self._set_source_reference(state, losses)
+            row['update'] = self.num_updates
+            self._record(state, logger, row, weights, losses)
+            return
+        if self.reference_kind == DYNAMIC and progress >= self.record_after:
             predicted = self._dynamic_reference(state, losses, weights)
             if predicted is not None:
                 self.ref_loss = predicted
@@ -305,6 +317,15 @@ class DROReweightCallback(Callback):
             self.num_updates += 1
         row['update'] = self.num_updates
         self._record(state, logger, row, new_weights, losses)
+
+    def _set_source_reference(self, state: State, losses: np.ndarray) -> None:
+        batch = int(state.timestamp.batch)
+        if batch > 0:
+            log.warning('dro_reweight: reference_loss: source is taken from the first evaluation, at batch %d, not '
+                        'from the unchanged source model; set eval_first: true', batch)
+        self.ref_loss = losses.copy()
+        log.info('dro_reweight: source reference loss %s',
+                 ', '.join(f'{d} {v:.4f}' for d, v in zip(self.domains, self.ref_loss)))
 
     def _record(self, state: State, logger: Logger, row: dict[str, Any], weights: np.ndarray, losses: np.ndarray) -> None:
         metrics = {}
