@@ -2,7 +2,8 @@
 
 Stages, each a plain ``composer train.py`` run of a YAML under ``yamls/demo`` (all outputs under ``--out``):
 
-1. data: corpus from the Python installation, BPE tokenizer, per-domain MDS shards, tiny Llama config;
+1. data: corpus from the Python installation, BPE tokenizer, per-domain MDS shards, tiny Llama config, and each
+   domain's multiple-choice continuation task (`drpruning-make-tasks`);
 2. pretrain: the tiny GQA source model, one eval loader per domain;
 3. prune-dro: DRPruning to about half the non-embedding parameters (L0 masks + DRO mixing from the corpus's natural,
    skewed proportions), exported as an HF model;
@@ -10,7 +11,8 @@ Stages, each a plain ``composer train.py`` run of a YAML under ``yamls/demo`` (a
 5. continue-dro: continued pretraining of the DRO-pruned model with DRO and a dynamic reference loss.
 
 Then it prints the corpus composition, the DRO weight trajectories, the per-domain validation losses of every
-model with each domain's degradation against the source (L / L_source), and the wall time of each stage, and writes
+model with each domain's degradation against the source (L / L_source) and each domain's task accuracy, and the wall
+time of each stage, and writes
 them to ``OUT/report.json``. One seed: `bench/method_quality.py` is the measurement over seeds.
 """
 
@@ -40,7 +42,10 @@ def run_stage(stage: str, out: Path) -> None:
     if stage == 'data':
         from drpruning_composer.data.demo_corpus import main as build_demo
 
+        from drpruning_composer.data.tasks import make_tasks
+
         build_demo(['--out', str(out)])
+        make_tasks(out / 'data', str(out / 'tokenizer'), out / 'tasks', overwrite=True)
     elif stage == 'pretrain':
         _train('pretrain.yaml', out)
     elif stage.startswith('prune-'):
@@ -58,7 +63,7 @@ def models(out: Path) -> dict[str, Path]:
 def report(out: Path, timings: dict[str, float]) -> dict:
     from drpruning_composer.data.prepare import format_manifest
     from drpruning_composer.dro.report import format_trajectory, read_history_csv
-    from drpruning_composer.evaluate import evaluate, format_degradation, format_table
+    from drpruning_composer.evaluate import evaluate, format_accuracy, format_degradation, format_table
 
     manifest = json.loads((out / 'data' / 'manifest.json').read_text())
     print('\n== corpus')
@@ -72,7 +77,8 @@ def report(out: Path, timings: dict[str, float]) -> dict:
             print(f'\n== domain weights over time: {run} ({csv.with_suffix(".png")})')
             print(format_trajectory(domains, rows))
     found = {k: v for k, v in models(out).items() if v.is_dir()}
-    rows = evaluate([str(p) for p in found.values()], str(out / 'data')) if found else []
+    tasks = out / 'tasks' if (out / 'tasks' / 'tasks.yaml').is_file() else None
+    rows = evaluate([str(p) for p in found.values()], str(out / 'data'), tasks=tasks) if found else []
     for name, row in zip(found, rows):
         row['model'] = name
     if rows:
@@ -84,6 +90,10 @@ def report(out: Path, timings: dict[str, float]) -> dict:
     if 'source' in found:
         print('\n== degradation against the source, L / L_source (lower is better; one seed, see bench/method_quality.py)')
         print(format_degradation(rows[1:], rows[0]['loss']))
+    if rows and tasks:
+        choices = json.loads((tasks / 'manifest.json').read_text())['shape']['num_choices']
+        print(f'\n== per-domain continuation accuracy, % ({tasks}; chance {100 / choices:.0f}%)')
+        print(format_accuracy(rows))
     print('\n== wall time per stage (s): ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()))
     result = {'timings_s': timings, 'corpus': manifest['domains'], 'losses': rows, 'dro_history': trajectories}
     (out / 'report.json').write_text(json.dumps(result, indent=2) + '\n')

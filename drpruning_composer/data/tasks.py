@@ -116,8 +116,9 @@ def task_config(domain: str, path: Path, shape: TaskShape) -> dict:
 
 def make_tasks(data: Path, tokenizer_path: str, out: Path, shape: TaskShape = TaskShape(), seed: int = 17,
                max_items: int | None = 500, domains: Sequence[str] | None = None,
-               min_items: int = 10) -> dict:
-    """Write every domain's task under `out` (atomically); returns the manifest."""
+               min_items: int = 10, overwrite: bool = False) -> dict:
+    """Write every domain's task under `out` (atomically; an existing `out` only with `overwrite`); returns the
+    manifest."""
     from omegaconf import OmegaConf as om
     from transformers import AutoTokenizer
 
@@ -140,7 +141,7 @@ def make_tasks(data: Path, tokenizer_path: str, out: Path, shape: TaskShape = Ta
     written = {'shape': vars(shape), 'seed': seed, 'data': str(data), 'tokenizer': str(tokenizer_path),
                'domains': {}}
     tasks = []
-    with atomic_directory(Path(out)) as tmp:
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         for i, domain in enumerate(domains):
             docs = split_documents(read_split(data, domain, 'val'), prepared['eos_token_id'])
             split = 'word'
