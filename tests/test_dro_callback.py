@@ -368,7 +368,13 @@ def test_source_reference_is_the_first_evaluation_and_survives_a_checkpoint(fake
 
     from drpruning_composer.dro.callback import DROReweightCallback
 
-    state = SimpleNamespace(**vars(fake_state))
+    import torch
+
+    from drpruning_composer.data.mixture import DynamicMixtureDataset
+
+    state = SimpleNamespace(**vars(fake_state))  # with a fresh, uniform mixture: other tests move the shared one
+    state.train_dataloader = torch.utils.data.DataLoader(
+        DynamicMixtureDataset(DOMAINS, [range(5)] * 3, [1, 1, 1], max_seq_len=4, seed=0))
     state.get_elapsed_duration = lambda: 0.0
     state.timestamp = Timestamp(batch=0, sample=0)
     kwargs = dict(domains=DOMAINS, reference_loss='source', excess='relative', excess_smoothing=0.0,
