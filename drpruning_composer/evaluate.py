@@ -149,41 +149,40 @@ def degradation(loss: dict[str, float], source_loss: dict[str, float]) -> dict[s
     return {d: loss[d] / source_loss[d] for d in source_loss}
 
 
+def _table(rows: list[dict], columns: Sequence[tuple[str, int]], cells) -> str:
+    """A text table: the model's name, then one right-aligned cell per (header, width) column from `cells(row)`."""
+    head = f"{'model':<40} " + ' '.join(f'{c:>{w}}' for c, w in columns)
+    lines = [head, '-' * len(head)]
+    for r in rows:
+        name = r['model'] if len(r['model']) <= 40 else '...' + r['model'][-37:]
+        lines.append(f'{name:<40} ' + ' '.join(f'{v:>{w}}' for v, (_, w) in zip(cells(r), columns)))
+    return '\n'.join(lines)
+
+
 def format_degradation(rows: list[dict], source_loss: dict[str, float]) -> str:
     """One line per row: L / L_source per domain and the worst of them."""
     domains = list(source_loss)
-    head = f"{'model':<40} " + ' '.join(f'{d:>10}' for d in domains) + f" {'worst':>7}"
-    lines = [head, '-' * len(head)]
-    for r in rows:
+
+    def cells(r: dict) -> list[str]:
         ratio = degradation(r['loss'], source_loss)
-        name = r['model'] if len(r['model']) <= 40 else '...' + r['model'][-37:]
-        lines.append(f'{name:<40} ' + ' '.join(f'{ratio[d]:>10.4f}' for d in domains)
-                     + f' {max(ratio.values()):>7.4f}')
-    return '\n'.join(lines)
+        return [f'{ratio[d]:.4f}' for d in domains] + [f'{max(ratio.values()):.4f}']
+
+    return _table(rows, [(d, 10) for d in domains] + [('worst', 7)], cells)
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per row: non-embedding parameters, per-domain loss, mean and worst loss."""
     domains = list(rows[0]['loss'])
-    head = f"{'model':<40} {'params':>9} " + ' '.join(f'{d:>10}' for d in domains) + f" {'mean':>7} {'worst':>7}"
-    lines = [head, '-' * len(head)]
-    for r in rows:
-        name = r['model'] if len(r['model']) <= 40 else '...' + r['model'][-37:]
-        lines.append(f"{name:<40} {r['non_embedding_params'] / 1e6:>8.2f}M "
-                     + ' '.join(f"{r['loss'][d]:>10.4f}" for d in domains)
-                     + f" {r['mean_loss']:>7.4f} {r['worst_loss']:>7.4f}")
-    return '\n'.join(lines)
+    return _table(rows, [('params', 9)] + [(d, 10) for d in domains] + [('mean', 7), ('worst', 7)],
+                  lambda r: [f"{r['non_embedding_params'] / 1e6:.2f}M"] + [f"{r['loss'][d]:.4f}" for d in domains]
+                  + [f"{r['mean_loss']:.4f}", f"{r['worst_loss']:.4f}"])
 
 
 def format_accuracy(rows: list[dict]) -> str:
     """One line per row: per-domain task accuracy (%) and their average, as the paper's per-domain table."""
     domains = list(rows[0]['accuracy'])
-    head = f"{'model':<40} " + ' '.join(f'{d:>10}' for d in domains) + f" {'average':>8}"
-    lines = [head, '-' * len(head)]
-    for r in rows:
-        name = r['model'] if len(r['model']) <= 40 else '...' + r['model'][-37:]
-        lines.append(f'{name:<40} ' + ' '.join(f"{100 * r['accuracy'][d]:>10.2f}" for d in domains)
-                     + f" {100 * r['mean_accuracy']:>8.2f}")
-    return '\n'.join(lines)
+    return _table(rows, [(d, 10) for d in domains] + [('average', 8)],
+                  lambda r: [f"{100 * r['accuracy'][d]:.2f}" for d in domains] + [f"{100 * r['mean_accuracy']:.2f}"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
