@@ -36,6 +36,7 @@ setup(
         ],
         'llmfoundry_algorithms': [
             'l0_mask = drpruning_composer.pruning.algorithm:L0MaskAlgorithm',
+            'distill = drpruning_composer.distill.algorithm:DistillationAlgorithm',
         ],
         'llmfoundry_callbacks': [
             'dro_reweight = drpruning_composer.dro.callback:DROReweightCallback',

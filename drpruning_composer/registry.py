@@ -8,7 +8,8 @@ from __future__ import annotations
 
 COMPONENTS = {
     # registry name in llmfoundry.registry -> {component name: 'module:attribute'}
-    'algorithms': {'l0_mask': 'drpruning_composer.pruning.algorithm:L0MaskAlgorithm'},
+    'algorithms': {'l0_mask': 'drpruning_composer.pruning.algorithm:L0MaskAlgorithm',
+                   'distill': 'drpruning_composer.distill.algorithm:DistillationAlgorithm'},
     'callbacks': {'dro_reweight': 'drpruning_composer.dro.callback:DROReweightCallback'},
     'dataloaders': {'dynamic_mixture': 'drpruning_composer.data.mixture:build_dynamic_mixture_dataloader'},
 }
