@@ -125,3 +125,24 @@ def test_demo_report_before_any_model_says_so(tiny_demo, capsys):
 
     result = report(tiny_demo, {'data': 1.0})
     assert result['losses'] == [] and 'no model to evaluate yet' in capsys.readouterr().out
+
+
+def test_demo_report_prints_loss_degradation_and_accuracy_per_domain(tiny_demo, tmp_path, capsys):
+    """The report of `make demo` on a demo folder with a source model and tasks: one accuracy per domain."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from drpruning_composer.data.tasks import TaskShape, make_tasks
+    from drpruning_composer.demo import report
+
+    demo = tmp_path / 'demo'
+    shutil.copytree(tiny_demo / 'data', demo / 'data')
+    source = demo / 'runs' / 'source' / 'huggingface' / 'model'
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).save_pretrained(source)
+    make_tasks(demo / 'data', str(tiny_demo / 'tokenizer'), demo / 'tasks', TaskShape(16, 8, 2), max_items=12,
+               domains=['c_headers', 'records'])
+    result = report(demo, {'data': 1.0})
+    out = capsys.readouterr().out
+    assert 'per-domain continuation accuracy, %' in out and 'chance 50%' in out
+    assert set(result['losses'][0]['accuracy']) == {'c_headers', 'records'}
