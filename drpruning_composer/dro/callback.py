@@ -292,17 +292,15 @@ class DROReweightCallback(Callback):
             return
         elapsed = state.get_elapsed_duration()
         progress = 1.0 if elapsed is None else float(elapsed)
-        if self.reference_kind == SOURCE and self.ref_loss is None:
+        measuring_source = self.reference_kind == SOURCE and self.ref_loss is None
+        if measuring_source:  # this evaluation is the reference: nothing to update against yet
             self._set_source_reference(state, losses)
-            row['update'] = self.num_updates
-            self._record(state, logger, row, weights, losses)
-            return
-        if self.reference_kind == DYNAMIC and progress >= self.record_after:
+        elif self.reference_kind == DYNAMIC and progress >= self.record_after:
             predicted = self._dynamic_reference(state, losses, weights)
             if predicted is not None:
                 self.ref_loss = predicted
         new_weights = weights
-        if self.ref_loss is not None and progress >= self.update_after:
+        if self.ref_loss is not None and progress >= self.update_after and not measuring_source:
             gap = losses - self.ref_loss if self.excess_kind == 'absolute' else np.log(losses / self.ref_loss)
             self.excess = smooth(self.excess, gap, self.excess_smoothing)
             zero = np.zeros_like(self.excess)
