@@ -63,18 +63,25 @@ def choose(mean_nll: Sequence[float]) -> int:
     return int(np.argmin(np.asarray(mean_nll)))
 
 
-def encode_item(tokenizer, item: dict, max_seq_len: int) -> list[tuple[list[int], int]]:
-    """Each choice as (context + continuation token ids, continuation length), tokenized as llm-foundry's
-    multiple-choice dataset does with `continuation_delimiter: ''` and `strip_dataset: false`: the tokenizer's
-    special-token preamble (without a trailing EOS), the query and the choice tokenized separately (a leading space
-    added to the choice for tokenizers that need one), and the context cut from the left to fit `max_seq_len`."""
+def tokenizer_conventions(tokenizer) -> tuple[list[int], bool]:
+    """What llm-foundry's multiple-choice dataset derives once per tokenizer: the special-token preamble (without a
+    trailing EOS) and whether a choice needs a leading space."""
     from llmfoundry.eval.datasets.utils import tokenizer_needs_prefix_space
 
     preamble = tokenizer('')['input_ids']
     if preamble and preamble[-1] == tokenizer.eos_token_id:
         preamble = preamble[:-1]
+    return preamble, tokenizer_needs_prefix_space(tokenizer)
+
+
+def encode_item(tokenizer, item: dict, max_seq_len: int,
+                conventions: tuple[list[int], bool]) -> list[tuple[list[int], int]]:
+    """Each choice as (context + continuation token ids, continuation length), tokenized as llm-foundry's
+    multiple-choice dataset does with `continuation_delimiter: ''` and `strip_dataset: false`: the tokenizer's
+    special-token preamble (without a trailing EOS), the query and the choice tokenized separately (a leading space
+    added to the choice for tokenizers that need one), and the context cut from the left to fit `max_seq_len`."""
+    preamble, prefix_space = conventions
     context = preamble + tokenizer(item['query'], add_special_tokens=False)['input_ids']
-    prefix_space = tokenizer_needs_prefix_space(tokenizer)
     encoded = []
     for choice in item['choices']:
         if prefix_space and not choice.startswith(' '):
@@ -89,7 +96,9 @@ def encode_item(tokenizer, item: dict, max_seq_len: int) -> list[tuple[list[int]
 def task_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict], max_seq_len: int,
                   batch_size: int = 64) -> float:
     """Fraction of items whose gold choice has the lowest mean continuation loss (`choose`)."""
-    sequences = [(i, ids, n) for i, item in enumerate(items) for ids, n in encode_item(tokenizer, item, max_seq_len)]
+    conventions = tokenizer_conventions(tokenizer)
+    sequences = [(i, ids, n) for i, item in enumerate(items)
+                 for ids, n in encode_item(tokenizer, item, max_seq_len, conventions)]
     nll = [[] for _ in items]
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start:start + batch_size]
