@@ -144,10 +144,28 @@ def check_dro(cfg: DictConfig) -> None:
         raise ConfigError('callbacks.dro_reweight.reference_loss: source is the loss of the first evaluation; set '
                           'eval_first: true so that it is the unchanged source model, evaluated before the first batch')
     labels = [str(loader.get('label')) for _, loader in _eval_loaders(cfg)]
+    if dro.get('reference_loss') == 'teacher':
+        check_teacher_reference(cfg, labels, is_true(dro.get('use_train_loss_ema', False)))
     try:
         check_domains(domains, list(dataset.get('domains') or []), labels, bool(dro.get('use_train_loss_ema', False)))
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def check_teacher_reference(cfg: DictConfig, eval_labels: Sequence[str], use_train_loss_ema: bool) -> None:
+    """`reference_loss: teacher` is measured on the eval loaders, with `distill`'s teacher or the source weights."""
+    key = 'callbacks.dro_reweight.reference_loss'
+    if not eval_labels or use_train_loss_ema:
+        raise ConfigError(f'{key}: teacher is the teacher\'s loss on the eval loaders; it needs one eval_loader per '
+                          'domain (labelled by it), and not use_train_loss_ema')
+    if 'distill' in (cfg.get('algorithms') or {}):
+        return  # the distill algorithm's teacher; `distill` checks its folder
+    source = str((cfg.get('model') or {}).get('pretrained_model_name_or_path', ''))
+    folder = Path(source).expanduser()
+    if not source or not any(f.suffix in ('.safetensors', '.bin') for f in folder.glob('*')):
+        raise ConfigError(f'{key}: teacher without algorithms.distill is the source model '
+                          f'model.pretrained_model_name_or_path, but {source!r} is not a local folder with weights '
+                          '(*.safetensors or *.bin)')
 
 
 def is_true(value: Any) -> bool:

@@ -132,3 +132,21 @@ def test_teacher_with_another_vocabulary_fails_before_training(tiny_demo, source
     assert proc.returncode != 0
     assert 'algorithms.distill.teacher' in proc.stderr + proc.stdout and 'vocabulary' in proc.stderr + proc.stdout
     assert not (tmp_path / 'run' / 'ep0-ba1-rank0.pt').exists()
+
+
+def test_teacher_reference_in_a_distillation_run(tiny_demo, source, tmp_path):
+    """`composer train.py` with `distill` and `dro_reweight reference_loss: teacher`: the teacher's loss is in every row
+    of the DRO history, unchanged, and equals the first evaluation of the student (the source itself at batch 0)."""
+    import math
+
+    from conftest import DOMAINS
+    from drpruning_composer.dro.report import read_history_csv
+
+    proc = _prune(tiny_demo, source, tmp_path / 'run', 'algorithms.distill.alpha=0.5',
+                  'callbacks.dro_reweight.reference_loss=teacher', 'eval_first=true')
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    _, rows = read_history_csv(str(tmp_path / 'run' / 'dro' / 'history.csv'))
+    references = [[row[f'ref_loss/{d}'] for d in DOMAINS] for row in rows]
+    assert len(rows) == 3 and all(math.isfinite(v) for v in references[0])  # batches 0, 2 and 4
+    assert references == [references[0]] * 3
+    assert [rows[0][f'loss/{d}'] for d in DOMAINS] == pytest.approx(references[0], rel=1e-5)

@@ -162,6 +162,7 @@ def _bad_callback_cases():
         (dict(reference_loss=[1.0, -2.0, 1.0]), 'reference_loss'),
         (dict(reference_loss='learned'), 'reference_loss'),
         (dict(reference_loss='source', use_train_loss_ema=True), 'use_train_loss_ema'),
+        (dict(reference_loss='teacher', use_train_loss_ema=True), 'use_train_loss_ema'),
         (dict(reference_ratio=[0.5, 0.5]), 'reference_ratio'),
         (dict(reference_ratio=[0.5, -0.5, 1.0]), 'reference_ratio'),
         (dict(domains=['noise', 'noise', 'repeat']), 'distinct'),
@@ -408,6 +409,105 @@ def test_source_reference_is_the_first_evaluation_and_survives_a_checkpoint(fake
         _evaluate(late, state, logger, later)
     assert 'eval_first: true' in caplog.text
     np.testing.assert_array_equal(late.ref_loss, later)
+
+
+def _tiny_model(folder: Path, seed: int):
+    """A saved random tiny Llama (vocabulary VOCAB) and the model itself."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ_LEN))
+    model.save_pretrained(folder)
+    return model
+
+
+def _eval_batches(seed: int) -> list[dict]:
+    """Three batches of two sequences, in llm-foundry's format: unshifted labels, padded tails set to -100."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(3, VOCAB, (2, SEQ_LEN), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, SEQ_LEN - 5:] = 0
+        batches.append({'input_ids': ids, 'attention_mask': mask, 'labels': ids.masked_fill(mask == 0, -100)})
+    return batches
+
+
+@pytest.mark.parametrize('with_distill', [False, True])
+def test_teacher_reference_is_measured_once_and_survives_a_checkpoint(fake_state, tmp_path, monkeypatch,
+                                                                      with_distill):
+    """`reference_loss: teacher` at fit start: each domain's loss under the teacher (distill's, else the student's
+    source folder) on the first `subset_num_batches` batches of its eval loader, equal to Hugging Face's own loss on
+    those sequences; evaluations do not change it, and a restored callback keeps it without measuring again."""
+    from types import SimpleNamespace
+
+    import torch
+    from composer.core import DataSpec, Event, Precision, Timestamp
+    from composer.devices import DeviceCPU
+    from composer.loggers import Logger
+
+    from drpruning_composer.data.mixture import DynamicMixtureDataset
+    from drpruning_composer.distill.algorithm import DistillationAlgorithm
+    from drpruning_composer.dro import callback as callback_module
+    from drpruning_composer.dro.callback import DROReweightCallback
+    from drpruning_composer.dro.report import read_history_csv
+
+    source = _tiny_model(tmp_path / 'source', seed=0)
+    student = _tiny_model(tmp_path / 'student', seed=1)
+    student.config._name_or_path = str(tmp_path / 'source')  # as loaded from the source: it is the default teacher
+    algorithms = []
+    teacher = source
+    if with_distill:
+        teacher = _tiny_model(tmp_path / 'teacher', seed=2)
+        distill = DistillationAlgorithm(teacher=str(tmp_path / 'teacher'))
+        algorithms = [distill]
+    batches = {d: _eval_batches(i) for i, d in enumerate(DOMAINS)}
+    state = SimpleNamespace(**vars(fake_state))
+    state.train_dataloader = torch.utils.data.DataLoader(
+        DynamicMixtureDataset(DOMAINS, [range(5)] * 3, [1, 1, 1], max_seq_len=4, seed=0))
+    state.evaluators = [SimpleNamespace(label=f'eval/{d}', dataloader=DataSpec(batches[d]), subset_num_batches=2)
+                        for d in DOMAINS]
+    state.model = SimpleNamespace(model=student)
+    state.algorithms = algorithms
+    state.device, state.precision, state.precision_config = DeviceCPU(), Precision.FP32, None
+    state.get_elapsed_duration = lambda: 0.5
+    state.timestamp = Timestamp(batch=10, sample=40)
+    logger = Logger(state, [])
+    for algorithm in algorithms:
+        algorithm.apply(Event.INIT, state, logger)
+    kwargs = dict(domains=DOMAINS, reference_loss='teacher', update_after=0.0,
+                  history_folder=str(tmp_path / '{run_name}'), plot_interval=0)
+    callback = DROReweightCallback(**kwargs)
+    callback.run_event(Event.FIT_START, state, logger)
+
+    with torch.no_grad():  # Hugging Face's loss on the two batches read (token mean over labels != -100)
+        expected = [float(teacher(**{k: torch.cat([b[k] for b in batches[d][:2]]) for k in batches[d][0]}).loss)
+                    for d in DOMAINS]
+        student_loss = float(student(**batches[DOMAINS[0]][0]).loss)
+    np.testing.assert_allclose(callback.ref_loss, expected, rtol=1e-6)
+    assert abs(callback.ref_loss[0] - student_loss) > 0.01  # the teacher's loss, not the student's
+
+    measured = callback.ref_loss.copy()
+    _evaluate(callback, state, logger, measured + [0.3, 0.1, 0.0])
+    _evaluate(callback, state, logger, measured + [0.1, 0.2, 0.0])
+    np.testing.assert_array_equal(callback.ref_loss, measured)
+    assert callback.num_updates == 2 and callback.excess[0] > 0
+    _, rows = read_history_csv(str(tmp_path / 'fake' / 'history.csv'))
+    assert [[row[f'ref_loss/{d}'] for d in DOMAINS] for row in rows] == [pytest.approx(measured.tolist())] * 2
+
+    def measure_again(*args):
+        raise AssertionError('a restored teacher reference must not be measured again')
+
+    monkeypatch.setattr(callback_module, 'teacher_reference_loss', measure_again)
+    restored = DROReweightCallback(**kwargs)
+    torch.save(callback.state_dict(), tmp_path / 'state.pt')
+    restored.load_state_dict(torch.load(tmp_path / 'state.pt', weights_only=True))
+    restored.run_event(Event.FIT_START, state, logger)
+    np.testing.assert_array_equal(restored.ref_loss, measured)
 
 
 def test_train_loss_ema_is_per_domain_token_mean(fake_state):

@@ -85,6 +85,22 @@ def test_dro_domain_mismatch_fails_before_training(tiny_demo):
         check_config(cfg)
 
 
+def test_teacher_reference_without_a_teacher_fails_before_training(tiny_demo):
+    """`reference_loss: teacher` needs eval loaders, and without `distill` a source folder with weights to evaluate."""
+    base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama',
+            'callbacks.dro_reweight.reference_loss=teacher']
+    key = r'^callbacks.dro_reweight.reference_loss: teacher'
+    with pytest.raises(ConfigError, match=key + r' without algorithms.distill .* not a local folder with weights'):
+        load_and_check(PRUNE, base)  # tiny_llama holds a config and no weights
+    load_and_check(PRUNE, [*base, 'algorithms.distill.alpha=0.5'])  # distill's teacher
+    with pytest.raises(ConfigError, match=key + ".* not use_train_loss_ema"):
+        load_and_check(PRUNE, [*base, 'algorithms.distill.alpha=0.5', 'callbacks.dro_reweight.use_train_loss_ema=true'])
+    cfg = load_and_check(PRUNE, [*base, 'algorithms.distill.alpha=0.5'])
+    del cfg.eval_loader
+    with pytest.raises(ConfigError, match=key + ".* needs one eval_loader per domain"):
+        check_config(cfg)
+
+
 def test_bad_model_id_offline(tiny_demo, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(ConfigError, match='^model.pretrained_model_name_or_path: .*HF_HUB_OFFLINE'):

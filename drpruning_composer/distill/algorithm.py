@@ -14,8 +14,29 @@ from drpruning_composer.distill.kd import kd_loss, next_token_mask
 TEACHER_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
-def _hf_model(state: State) -> torch.nn.Module:
+def hf_model(state: State) -> torch.nn.Module:
+    """The Hugging Face model inside Composer's wrapper (the student)."""
     return getattr(state.model, 'model', state.model)
+
+
+def load_teacher(path: str | None, student: torch.nn.Module, dtype: torch.dtype, key: str) -> torch.nn.Module:
+    """A frozen Hugging Face model from the local folder `path` (None: the student's own source folder), in `dtype`
+    on the student's device, in eval mode; errors name the YAML `key` that chose it.
+
+    Shared by `distill` (its teacher) and `dro_reweight`'s `reference_loss: teacher` without `distill`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = path or getattr(getattr(student, 'config', None), '_name_or_path', '')
+    if not os.path.isfile(os.path.join(path, 'config.json')):
+        raise ValueError(f'{key}: {path!r} is not a local Hugging Face model folder (without `teacher`, the '
+                         "teacher is the student's model.pretrained_model_name_or_path)")
+    teacher = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f'{key}: {path} has a vocabulary of {teacher.config.vocab_size}, '
+                         f'the student {student.config.vocab_size}; the teacher needs the same vocabulary')
+    device = next(student.parameters()).device
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 class DistillationAlgorithm(Algorithm):
@@ -60,24 +81,10 @@ class DistillationAlgorithm(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
-            self._load_teacher(state)
+            self.teacher = load_teacher(self.teacher_path, hf_model(state), self.teacher_dtype,
+                                        'algorithms.distill.teacher')
         else:
             self._mix_loss(state)
-
-    def _load_teacher(self, state: State) -> None:
-        from transformers import AutoModelForCausalLM
-
-        student = _hf_model(state)
-        path = self.teacher_path or getattr(getattr(student, 'config', None), '_name_or_path', '')
-        if not os.path.isfile(os.path.join(path, 'config.json')):
-            raise ValueError(f'algorithms.distill.teacher: the student has no local source folder ({path!r}); '
-                             'set `teacher` to a Hugging Face model folder')
-        teacher = AutoModelForCausalLM.from_pretrained(path, torch_dtype=self.teacher_dtype)
-        if teacher.config.vocab_size != student.config.vocab_size:
-            raise ValueError(f'algorithms.distill.teacher: {path} has a vocabulary of {teacher.config.vocab_size}, '
-                             f'the student {student.config.vocab_size}; distillation needs the same vocabulary')
-        device = next(student.parameters()).device
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
 
     def _mix_loss(self, state: State) -> None:
         batch = state.batch

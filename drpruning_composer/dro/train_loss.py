@@ -10,6 +10,18 @@ from composer.devices import Device
 from composer.utils import dist
 
 
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: summed next-token cross entropy (fp64) of `logits` [b, s, v] and the number of targets.
+
+    llm-foundry's convention: `labels` [b, s] are not shifted (position i predicts label i + 1) and -100 is ignored,
+    so the sums over a loader divided by the counts are its `LanguageCrossEntropy`.
+    """
+    token_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction='none',
+    ).view(labels.shape[0], -1)
+    return token_loss.sum(1).double(), (labels[:, 1:] != -100).sum(1).double()
+
+
 class DomainTrainLoss:
     """Exponential moving average (decay `decay`) of each domain's token-mean training loss.
 
@@ -28,15 +40,12 @@ class DomainTrainLoss:
 
     def accumulate(self, logits: torch.Tensor, labels: torch.Tensor, domain_idx: torch.Tensor) -> None:
         """Add one microbatch: next-token cross-entropy of `logits` [b, s, v] against `labels` [b, s] (-100 ignored)."""
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].detach().float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction='none',
-        ).view(labels.shape[0], -1)
-        valid = (labels[:, 1:] != -100).double()
+        loss, targets = next_token_loss(logits.detach(), labels)
         n = len(self.value)
         sums = torch.zeros(n, dtype=torch.float64, device=logits.device)
         counts = torch.zeros(n, dtype=torch.float64, device=logits.device)
-        sums.index_add_(0, domain_idx.long(), token_loss.sum(1).double())
-        counts.index_add_(0, domain_idx.long(), valid.sum(1))
+        sums.index_add_(0, domain_idx.long(), loss)
+        counts.index_add_(0, domain_idx.long(), targets)
         self._sum += sums.cpu().numpy()
         self._count += counts.cpu().numpy()
 
