@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import DOMAINS, REPO
@@ -39,3 +40,24 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
         assert rows[0]['batch'] == 0 and rows[0]['update'] == 0
         assert all(r[f'ref_loss/{d}'] == rows[0][f'loss/{d}'] for r in rows for d in DOMAINS)
     assert 'paired by seed' in proc.stdout
+
+
+def test_distill_overhead_prints_both_steps_and_the_teacher(tmp_path):
+    """bench/distill_overhead.py at a toy size: a time and a peak memory per step for both trainers, and the
+    resident teacher's weights (fp32 on CPU: 4 bytes per parameter of the benchmark's Llama)."""
+    import re
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cmd = [sys.executable, 'bench/distill_overhead.py', '--hidden', '64', '--layers', '1', '--vocab', '256',
+           '--seq-len', '32', '--batch', '2', '--steps', '3', '--warmup-steps', '1', '--device', 'cpu']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {m.group(1).strip(): m.groups()[1:] for m in
+            re.finditer(r'^([^|\n]+)\| ([0-9.]+)\s*\| ([0-9.]+)\s*\| ([0-9.]*)', proc.stdout, re.M)}
+    plain, kd, ratio = (float(v) for v in rows['train step (cpu s/batch)'])
+    assert plain > 0 and kd > 0 and ratio == pytest.approx(kd / plain, abs=0.01)
+    assert float(rows['step peak memory above its start (MiB)'][1]) > 0
+    params = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                                          num_key_value_heads=1, intermediate_size=192)).num_parameters()
+    assert float(rows['resident teacher weights (MiB)'][1]) == pytest.approx(4 * params / 2 ** 20, abs=0.05)
