@@ -43,6 +43,7 @@ setup(
         ],
         'llmfoundry_dataloaders': [
             'dynamic_mixture = drpruning_composer.data.mixture:build_dynamic_mixture_dataloader',
+            'instruct = drpruning_composer.data.instruct:build_instruct_dataloader',
         ],
     },
 )

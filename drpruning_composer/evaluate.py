@@ -1,7 +1,8 @@
 """Per-domain validation loss, and per-domain task accuracy, of Hugging Face model folders on prepared MDS data.
 
 ``python -m drpruning_composer.evaluate --data DATA [--tasks TASKS] MODEL [MODEL ...]`` prints one row per model and
-one column per domain (mean next-token cross-entropy over the whole val split, or its first `--max-samples` samples),
+one column per domain (mean next-token cross-entropy over the whole val split, or its first `--max-samples` samples;
+over the response tokens only for instruction data, `drpruning-prepare --instruct`),
 plus the parameter count, and with `--tasks` (written by `drpruning-make-tasks`) the accuracy on each domain's
 multiple-choice continuation task, scored as llm-foundry's `InContextLearningMultipleChoiceAccuracy` scores it.
 It can write the table as JSON. It loads models with plain `transformers`, so it also checks that an exported
@@ -54,6 +55,26 @@ def domain_loss(model: torch.nn.Module, tokens: np.ndarray, batch_size: int = 16
                                                  reduction='sum')
         total += loss.item()
         count += x[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def response_loss(model: torch.nn.Module, rows: Sequence[tuple[np.ndarray, np.ndarray]], pad_token_id: int,
+                  batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy over the response tokens of instruction rows (tokens, loss_mask): the
+    response-only loss that training and the `instruct` eval loader compute."""
+    from drpruning_composer.data.instruct import ResponseCollator
+
+    collate = ResponseCollator(pad_token_id)
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate([{'tokens': torch.from_numpy(t.astype(np.int64)), 'loss_mask': torch.from_numpy(m.astype(np.int64))}
+                         for t, m in rows[i:i + batch_size]])
+        logits = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits[:, :-1].float()
+        labels = batch['labels'][:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                   ignore_index=-100, reduction='sum').item()
+        count += int((labels != -100).sum())
     return total / count
 
 
@@ -129,18 +150,31 @@ def read_tasks(tasks: str | Path) -> dict[str, tuple[list[dict], int]]:
 
 def evaluate(models: Sequence[str], data: str, domains: Sequence[str] | None = None,
              max_samples: int | None = None, tasks: str | Path | None = None) -> list[dict]:
-    """Per model: per-domain loss on the val split, mean and worst loss, and with `tasks` per-domain accuracy."""
+    """Per model: per-domain loss on the val split (response-only for instruction data), mean and worst loss, and
+    with `tasks` per-domain accuracy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drpruning_composer.data.instruct import is_instruct, read_examples
 
     manifest = json.loads((Path(data) / 'manifest.json').read_text())
     domains = list(domains or manifest['domains'])
-    tokens = {d: read_split(data, d, 'val', max_samples) for d in domains}
+    if is_instruct(data):
+        tokens = {d: read_examples(data, d, 'val')[:max_samples] for d in domains}
+        pad = manifest['eos_token_id']  # any id: padded positions are masked out of attention and loss
+
+        def loss_of(model: torch.nn.Module, d: str) -> float:
+            return response_loss(model, tokens[d], pad)
+    else:
+        tokens = {d: read_split(data, d, 'val', max_samples) for d in domains}
+
+        def loss_of(model: torch.nn.Module, d: str) -> float:
+            return domain_loss(model, tokens[d])
     task_items = read_tasks(tasks) if tasks else {}
     task_tokenizer = json.loads((Path(tasks) / 'manifest.json').read_text())['tokenizer'] if tasks else None
     rows = []
     for path in models:
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-        losses = {d: domain_loss(model, tokens[d]) for d in domains}
+        losses = {d: loss_of(model, d) for d in domains}
         rows.append({'model': str(path), 'non_embedding_params': non_embedding_params(model), 'loss': losses,
                      'samples': {d: len(tokens[d]) for d in domains},
                      'mean_loss': float(np.mean(list(losses.values()))),

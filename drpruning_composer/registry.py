@@ -11,7 +11,8 @@ COMPONENTS = {
     'algorithms': {'l0_mask': 'drpruning_composer.pruning.algorithm:L0MaskAlgorithm',
                    'distill': 'drpruning_composer.distill.algorithm:DistillationAlgorithm'},
     'callbacks': {'dro_reweight': 'drpruning_composer.dro.callback:DROReweightCallback'},
-    'dataloaders': {'dynamic_mixture': 'drpruning_composer.data.mixture:build_dynamic_mixture_dataloader'},
+    'dataloaders': {'dynamic_mixture': 'drpruning_composer.data.mixture:build_dynamic_mixture_dataloader',
+                    'instruct': 'drpruning_composer.data.instruct:build_instruct_dataloader'},
 }
 
 

@@ -22,6 +22,8 @@ import torch
 from composer.core import DataSpec
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from drpruning_composer.data.instruct import ResponseCollator, as_tensors, pad_token_id
+
 _BLOCK = 4096  # uniforms are generated in blocks of this many global indices
 _UNIFORM_STREAM = 0
 _PERMUTATION_STREAM = 1
@@ -207,12 +209,14 @@ class DynamicMixtureDataset(Dataset):
         max_seq_len: int,
         seed: int,
         shuffle: bool = True,
+        instruct: bool = False,
     ):
         if len(domains) != len(sources):
             raise ValueError('one source per domain is required')
         self.domains = list(domains)
         self.sources = list(sources)
         self.max_seq_len = int(max_seq_len)
+        self.instruct = instruct
         self.schedule = MixtureSchedule([len(s) for s in self.sources], proportions, seed, shuffle)
         self.epoch_start = 0
         self._resumed_epoch = False
@@ -220,15 +224,17 @@ class DynamicMixtureDataset(Dataset):
     def __len__(self) -> int:
         return sum(self.schedule.domain_sizes)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        """(int64 tokens of length max_seq_len, domain id) for a (domain, sample) key."""
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
+        """(row, domain id) for a (domain, sample) key: the row is int64 tokens of length max_seq_len, or for
+        instruction data (`instruct=True`) a dict of `tokens` and `loss_mask` of at most max_seq_len."""
         domain, index = key
-        tokens = np.asarray(self.sources[domain][index]['tokens'])
+        sample = self.sources[domain][index]
+        where = f'sample {index} of domain {self.domains[domain]!r}'
+        if self.instruct:
+            return as_tensors(sample, self.max_seq_len, where), domain
+        tokens = np.asarray(sample['tokens'])
         if tokens.shape[0] < self.max_seq_len:
-            raise ValueError(
-                f'sample {index} of domain {self.domains[domain]!r} has {tokens.shape[0]} tokens, '
-                f'fewer than max_seq_len={self.max_seq_len}',
-            )
+            raise ValueError(f'{where} has {tokens.shape[0]} tokens, fewer than max_seq_len={self.max_seq_len}')
         return torch.from_numpy(tokens[:self.max_seq_len].astype(np.int64)), domain
 
     @property
@@ -312,13 +318,14 @@ class DynamicMixtureSampler(DistributedSampler):
 
 
 class DomainCollator:
-    """Collates token tensors with llm-foundry's text collator and adds `domain_idx` (LongTensor, one per row)."""
+    """Collates rows with a base collator (llm-foundry's text collator, or `ResponseCollator` for instruction data)
+    and adds `domain_idx` (LongTensor, one per row)."""
 
     def __init__(self, base_collator: Any):
         self.base_collator = base_collator
 
-    def __call__(self, examples: list[tuple[torch.Tensor, int]]) -> dict[str, Any]:
-        batch = self.base_collator([tokens for tokens, _ in examples])
+    def __call__(self, examples: list[tuple[Any, int]]) -> dict[str, Any]:
+        batch = self.base_collator([row for row, _ in examples])
         batch['domain_idx'] = torch.tensor([domain for _, domain in examples], dtype=torch.long)
         return batch
 
@@ -350,6 +357,15 @@ def build_domain_sources(
     return sources
 
 
+def instruction_columns(sources: Sequence[Any], domains: Sequence[str]) -> bool:
+    """Whether the domains' shards are instruction data (a `loss_mask` column); all domains must agree."""
+    kinds = {d: 'loss_mask' in s.shards[0].column_names for d, s in zip(domains, sources)}
+    if len(set(kinds.values())) > 1:
+        raise ValueError('dataset.domains mixes instruction data (tokens + loss_mask) with token shards: '
+                         f'{[d for d, k in kinds.items() if k]} have a loss mask, the others not')
+    return next(iter(kinds.values()))
+
+
 def build_dynamic_mixture_dataloader(
     tokenizer: Any,
     device_batch_size: int,
@@ -368,7 +384,9 @@ def build_dynamic_mixture_dataloader(
     split's samples, i.e. of its tokens, or omitted for uniform), `split` (default `train`),
     `max_seq_len`, `seed` (default 17), `shuffle` (default true), optional `eos_token_id` / `bos_token_id`
     (as for the `text` loader: adds `sequence_id`); other keys go to each StreamingDataset. Batches are those of
-    the `text` loader (input_ids, attention_mask, labels, token counts) plus `domain_idx`.
+    the `text` loader (input_ids, attention_mask, labels, token counts) plus `domain_idx`. Shards of instruction
+    data (`drpruning-prepare --instruct`: a `loss_mask` column) give `ResponseCollator` batches instead: padded to
+    the longest row, labels -100 on prompt tokens and padding; `natural` is then each task's share of the rows.
     """
     from composer.utils import dist
     from llmfoundry import registry
@@ -408,17 +426,25 @@ def build_dynamic_mixture_dataloader(
     if natural:
         sizes = np.array([len(s) for s in sources], dtype=np.float64)
         weights = normalize_proportions(sizes / sizes.sum(), len(domains), key='dataset.proportions')
-    mixture = DynamicMixtureDataset(domains, sources, weights, max_seq_len=max_seq_len, seed=seed, shuffle=shuffle)
-    base_collator, _ = construct_from_registry(
-        name='text_collator',
-        registry=registry.collators,
-        partial_function=False,
-        kwargs={
-            'dataloader_cfg': {'dataset': dict(collator_keys)},
-            'tokenizer': tokenizer,
-            'dataset_batch_size': int(device_batch_size),
-        },
-    )
+    instruct = instruction_columns(sources, domains)
+    mixture = DynamicMixtureDataset(domains, sources, weights, max_seq_len=max_seq_len, seed=seed, shuffle=shuffle,
+                                    instruct=instruct)
+    if instruct:
+        if collator_keys:
+            raise ValueError(f'dataset.{next(iter(collator_keys))}: not used with instruction data (its rows are '
+                             'padded examples with a loss mask; see drpruning_composer.data.instruct)')
+        base_collator = ResponseCollator(pad_token_id(tokenizer))
+    else:
+        base_collator, _ = construct_from_registry(
+            name='text_collator',
+            registry=registry.collators,
+            partial_function=False,
+            kwargs={
+                'dataloader_cfg': {'dataset': dict(collator_keys)},
+                'tokenizer': tokenizer,
+                'dataset_batch_size': int(device_batch_size),
+            },
+        )
     loader = DataLoader(
         mixture,
         batch_size=int(device_batch_size),

@@ -11,7 +11,8 @@ Documents are split between train and val *by document* (seeded shuffle), joined
 folder beside OUT and renamed at the end, so a failure never leaves a half-written OUT.
 
 CLI: ``drpruning-prepare --input ROOT --tokenizer TOK --out OUT`` (each sub-folder of ROOT is a domain) or
-``--domain NAME=PATH`` (repeatable).
+``--domain NAME=PATH`` (repeatable). With ``--instruct`` the sources are instruction tasks (prompt/response or chat
+messages) and the output has a loss mask: see :mod:`drpruning_composer.data.instruct`.
 """
 
 from __future__ import annotations
@@ -231,8 +232,15 @@ def parse_sources(input_root: str | None, domain_args: Sequence[str]) -> dict[st
 
 
 def format_manifest(manifest: dict) -> str:
-    """Documents and tokens per domain and split, one line per domain."""
+    """Documents (or examples) and tokens per domain (or task) and split, one line per domain."""
     lines = []
+    if manifest.get('format') == 'instruct':
+        for name, d in manifest['domains'].items():
+            lines.append(f"{name:>12}: " + ' | '.join(
+                f"{split} {d[split]['examples']:>6} examples {d[split]['tokens']:>9} tokens "
+                f"({d[split]['response_tokens']} in the loss, {d[split]['truncated']} truncated)"
+                for split in ('train', 'val')))
+        return '\n'.join(lines)
     for name, d in manifest['domains'].items():
         lines.append(f"{name:>12}: train {d['train']['documents']:>6} docs {d['train']['tokens']:>10} tokens | "
                      f"val {d['val']['documents']:>5} docs {d['val']['tokens']:>9} tokens | "
@@ -253,13 +261,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument('--seed', type=int, default=17)
     p.add_argument('--text-field', default='text', help='JSON field holding the text in .jsonl files')
     p.add_argument('--compression', default=None, choices=[None, 'zstd'])
+    p.add_argument('--instruct', action='store_true',
+                   help='instruction data: .jsonl with prompt/response or messages, one source per task')
+    p.add_argument('--overlong', default='truncate', choices=['truncate', 'reject'],
+                   help='--instruct: an example longer than --max-seq-len is cut (and counted) or an error')
+    p.add_argument('--pack', action='store_true', help='--instruct: pack consecutive train examples into rows')
     p.add_argument('--overwrite', action='store_true')
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
     try:
         sources = parse_sources(args.input, args.domain)
-        manifest = prepare(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction, args.seed,
-                           args.text_field, args.compression, args.overwrite)
+        if args.instruct:
+            from drpruning_composer.data.instruct import prepare_instruct
+
+            manifest = prepare_instruct(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction,
+                                        args.seed, args.overlong, args.pack, args.compression, args.overwrite)
+        else:
+            manifest = prepare(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction, args.seed,
+                               args.text_field, args.compression, args.overwrite)
     except PrepareError as e:
         print(f'drpruning-prepare: error: {e}', file=sys.stderr)
         return 2
