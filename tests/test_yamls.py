@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf as om
 
 from conftest import REPO
-from drpruning_composer.config_check import check_components
+from drpruning_composer.config_check import check_components, check_dro, load_and_check
 from drpruning_composer.data.demo_corpus import tiny_llama_config
 
 # Published Hugging Face configs of the source models (the fields pruning needs).
@@ -17,7 +17,8 @@ LLAMA31_8B = {'model_type': 'llama', 'hidden_size': 4096, 'num_hidden_layers': 3
               'num_key_value_heads': 8, 'intermediate_size': 14336, 'vocab_size': 128256}
 CLUSTER = {'prune_1.3b.yaml': (LLAMA2_7B, (24, 2048, 16, 16, 5504)),
            'prune_2.7b.yaml': (LLAMA2_7B, (32, 2560, 20, 20, 6912)),
-           'prune_llama3_8b_to_3b.yaml': (LLAMA31_8B, (28, 3072, 24, 8, 8192))}
+           'prune_llama3_8b_to_3b.yaml': (LLAMA31_8B, (28, 3072, 24, 8, 8192)),
+           'prune_llama3_8b_to_3b_distill.yaml': (LLAMA31_8B, (28, 3072, 24, 8, 8192))}
 FIELDS = ('num_hidden_layers', 'hidden_size', 'num_attention_heads', 'num_key_value_heads', 'intermediate_size')
 EVAL_YAML = 'eval_downstream.yaml'
 ALL_YAMLS = sorted(p.relative_to(REPO / 'yamls').as_posix() for p in (REPO / 'yamls').rglob('*.yaml')
@@ -44,6 +45,14 @@ def test_yaml_keys_and_components(name):
         dro = cfg.callbacks.dro_reweight
         DROReweightCallback(**om.to_container(dro))
         assert list(dro.domains) == labels == list(cfg.train_loader.dataset.domains)
+        check_dro(cfg)
+    if 'distill' in (cfg.get('algorithms') or {}):
+        from drpruning_composer.distill.algorithm import DistillationAlgorithm
+
+        options = om.to_container(cfg.algorithms.distill)
+        teacher = options.pop('teacher', None)  # a cluster folder, absent here
+        DistillationAlgorithm(**options)
+        assert teacher != cfg.model.pretrained_model_name_or_path  # a named teacher is not the student itself
 
 
 @pytest.mark.parametrize('name', sorted(CLUSTER))
@@ -71,6 +80,35 @@ def test_demo_pruning_halves_the_source():
     target = {**source, **cfg.algorithms.l0_mask.target}
     size = {k: non_embedding_params(LlamaForCausalLM(LlamaConfig(**c))) for k, c in (('s', source), ('t', target))}
     assert 0.4 < size['t'] / size['s'] < 0.6, size
+
+
+@pytest.mark.parametrize('name', ['prune.yaml', 'continue.yaml'])
+def test_demo_yaml_documents_a_distillation_override_that_passes_preflight(tiny_demo, tmp_path, name):
+    """The override line in the demo YAML's header turns on `distill` (teacher: the unpruned source) and the
+    teacher reference, and the pre-flight check and both components accept it."""
+    import shlex
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from drpruning_composer import DROReweightCallback
+    from drpruning_composer.distill.algorithm import DistillationAlgorithm
+
+    text = (REPO / 'yamls' / 'demo' / name).read_text()
+    line = next(line for line in text.splitlines() if line.startswith(f'#   composer train.py yamls/demo/{name} '))
+    overrides = shlex.split(line)[4:]
+    demo = tmp_path / 'demo'  # a demo folder with the models the stages before this one write
+    demo.mkdir()
+    (demo / 'data').symlink_to(tiny_demo / 'data')
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama'))
+    for folder in ('runs/source/huggingface/model', 'runs/prune-dro/pruned_hf'):
+        model.save_pretrained(demo / folder)
+        AutoTokenizer.from_pretrained(tiny_demo / 'tiny_llama').save_pretrained(demo / folder)
+    cfg = load_and_check(str(REPO / 'yamls' / 'demo' / name), [f'variables.demo={demo}', *overrides])
+    distill = DistillationAlgorithm(**om.to_container(cfg.algorithms.distill))
+    assert distill.alpha == 0.5 and cfg.callbacks.dro_reweight.reference_loss == 'teacher'
+    assert (distill.teacher_path or cfg.model.pretrained_model_name_or_path) == str(
+        demo / 'runs/source/huggingface/model')
+    DROReweightCallback(**om.to_container(cfg.callbacks.dro_reweight))
 
 
 @pytest.mark.parametrize('path', sorted((REPO / 'launch').glob('*.yaml')), ids=lambda p: p.name)
