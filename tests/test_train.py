@@ -144,11 +144,13 @@ def test_demo_report_before_any_model_says_so(tiny_demo, capsys):
 
 
 def test_demo_report_prints_loss_degradation_and_accuracy_per_domain(tiny_demo, tmp_path, capsys):
-    """The report of `make demo` on a demo folder with a source model and tasks: one accuracy per domain."""
+    """The report of `make demo` on a demo folder with a source model and tasks: one accuracy per domain; and the
+    per-task response loss of the instruction stage's models."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from drpruning_composer.data.demo_instruct import TASKS as DEMO_TASKS, build_instruct
     from drpruning_composer.data.tasks import TaskShape, make_tasks
     from drpruning_composer.demo import report
 
@@ -158,7 +160,14 @@ def test_demo_report_prints_loss_degradation_and_accuracy_per_domain(tiny_demo, 
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).save_pretrained(source)
     make_tasks(demo / 'data', str(tiny_demo / 'tokenizer'), demo / 'tasks', TaskShape(16, 8, 2), max_items=12,
                domains=['c_headers', 'records'])
+    for run in ('continue-dro', 'instruct-dro'):  # the instruction stage's start and one tuned model
+        shutil.copytree(source, demo / 'runs' / run / 'huggingface' / 'model')
+    build_instruct(demo, tiny_demo / 'tokenizer', scale=0.02, max_seq_len=256)
     result = report(demo, {'data': 1.0})
     out = capsys.readouterr().out
     assert 'per-domain continuation accuracy, %' in out and 'chance 50%' in out
     assert set(result['losses'][0]['accuracy']) == {'c_headers', 'records'}
+    assert 'instruction tuning: per-task response loss' in out
+    tuned = result['instruct_losses']
+    assert [r['model'] for r in tuned] == ['continued (start)', 'instruct (dro)'] and tuned[0]['loss'] == tuned[1]['loss']
+    assert set(tuned[0]['loss']) == set(DEMO_TASKS)
