@@ -1,8 +1,10 @@
 """Method quality: the same pruning job under each data-mixing rule, over several seeds, judged on the exports.
 
-For every rule and seed it runs `composer train.py` on the demo's pruning recipe (rewritten for the data folder's
-domains; with `--continue`, then continued pretraining of the export) and evaluates the exported model on the
-**whole** val split of every domain. It prints, as mean +- standard error over seeds: per-domain loss, mean loss,
+For every rule and seed it runs `composer train.py` on the demo's recipe of one stage, rewritten for the data folder's
+domains (`--stage prune`: `yamls/demo/prune.yaml`; `continue`: that, then continued pretraining of the export;
+`instruct`: instruction tuning of `--source` on instruction data, `yamls/demo/instruct.yaml`, where the domains are
+tasks, losses are response-only and "degradation" is L / L_start, the tuned model against its starting point) and
+evaluates the exported model on the **whole** val split of every domain. It prints, as mean +- standard error over seeds: per-domain loss, mean loss,
 worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
 time, and with `--tasks` each domain's multiple-choice continuation accuracy (`drpruning-make-tasks`) and their
 average, as the paper's per-domain table; then the same metrics as per-seed differences against `constant` (paired
@@ -16,6 +18,7 @@ data folder's natural token proportions unless `--proportions` gives it.
     python bench/method_quality.py                                   # the demo's data and source, 3 seeds
     python bench/method_quality.py --data DIR --source MODEL --rules constant dro --seeds 1 2 3 4
     python bench/method_quality.py --variant dro-dynamic=callbacks.dro_reweight.reference_loss=dynamic
+    python bench/method_quality.py --stage instruct --rules constant dro   # the demo's instruction tasks
 
 A `--variant NAME=KEY=VALUE[ KEY=VALUE...]` is one more rule: `dro` with those overrides, run on the same seeds and
 paired against every other rule like `dro`.
@@ -33,20 +36,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import add_data_arguments, data_and_source, domains_of, recipe, train  # noqa: E402
+from recipes import add_data_arguments, data_and_source, domains_of, ensure_demo_instruct, recipe, train  # noqa: E402
 
 RULES = ('constant', 'uniform', 'sheared', 'dro')
 METRICS = ('mean_loss', 'worst_loss', 'worst_degradation', 'mean_accuracy', 'wall_s')
+STAGES = ('prune', 'continue', 'instruct')
 QUICK = ['max_duration=6ba', 'eval_interval=2ba', 'save_interval=6ba', 'eval_subset_num_batches=1',
-         'global_train_batch_size=4', 'device_train_microbatch_size=4', 'algorithms.l0_mask.lagrangian_warmup=2ba',
-         'callbacks.dro_reweight.min_fit_points=4']
+         'global_train_batch_size=4', 'device_train_microbatch_size=4', 'callbacks.dro_reweight.min_fit_points=4']
+QUICK_PRUNE = ['algorithms.l0_mask.lagrangian_warmup=2ba']
+
+
+def split_samples(data: Path, split: str) -> dict[str, int]:
+    """Rows per domain of a split (fixed-length token rows, or instruction examples), from the manifest."""
+    manifest = json.loads((data / 'manifest.json').read_text())['domains']
+    return {d: int(manifest[d][split]['samples']) for d in domains_of(data)}
 
 
 def natural_proportions(data: Path) -> list[float]:
-    """Train-token share of each domain, as `drpruning-prepare` counted it."""
-    manifest = json.loads((data / 'manifest.json').read_text())['domains']
-    tokens = np.array([manifest[d]['train']['tokens'] for d in domains_of(data)], dtype=np.float64)
-    return (tokens / tokens.sum()).tolist()
+    """Each domain's share of the train rows: what the loaders' `proportions: natural` uses (for token data, the
+    share of the tokens)."""
+    rows = np.array(list(split_samples(data, 'train').values()), dtype=np.float64)
+    return (rows / rows.sum()).tolist()
 
 
 def rule_overrides(rule: str, proportions: list[float], variants: dict[str, list[str]]) -> list[str]:
@@ -72,26 +82,35 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     """Prune (and continue) under one rule and seed; returns the judged model's folder, its whole-split evaluation,
     wall time and weight history.
 
-    With --reuse, a finished run is not repeated (nor re-evaluated) and reports what was recorded when it ran.
+    With --reuse, a finished run is not repeated (nor re-evaluated) and reports what was recorded when it ran; a
+    finished pruning run is continued without being repeated.
     """
     from drpruning_composer.dro.report import read_history_csv
     from drpruning_composer.evaluate import evaluate
 
     save = (args.out / f'{rule}-seed{seed}').resolve()
+    common = [*rule_overrides(rule, proportions, args.variants), f'variables.seed={seed}', 'save_overwrite=true',
+              *overrides]
     record = save / 'run.json'
     if not (args.reuse and record.is_file()):
-        common = [*rule_overrides(rule, proportions, args.variants), f'variables.seed={seed}', 'save_overwrite=true',
-                  *overrides]
+        first = 'instruct' if args.stage == 'instruct' else 'prune'
         start = time.perf_counter()
-        train(recipe('prune.yaml', data, source, save, [*common, f'run_name={rule}-seed{seed}']), save / 'prune.log')
-        model, history = save / 'pruned_hf', save / 'dro' / 'history.csv'
-        if args.continue_pretraining:
-            cont = save / 'continue'
-            train(recipe('continue.yaml', data, model, cont, [*common, f'run_name={rule}-seed{seed}-continue']),
-                  cont / 'continue.log')
-            model, history = cont / 'huggingface' / 'model', cont / 'dro' / 'history.csv'
-        record.write_text(json.dumps({'model': str(model), 'history': str(history),
+        extra = QUICK_PRUNE if args.quick and first == 'prune' else []
+        train(recipe(f'{first}.yaml', data, source, save, [*common, *extra, f'run_name={rule}-seed{seed}']),
+              save / f'{first}.log')
+        model = save / 'pruned_hf' if first == 'prune' else save / 'huggingface' / 'model'
+        record.write_text(json.dumps({'model': str(model), 'history': str(save / 'dro' / 'history.csv'),
                                       'wall_s': time.perf_counter() - start}))
+    if args.stage == 'continue':  # judged: the continued model; its wall time includes the pruning run's
+        pruned, cont = json.loads(record.read_text()), save / 'continue'
+        record = cont / 'run.json'
+        if not (args.reuse and record.is_file()):
+            start = time.perf_counter()
+            train(recipe('continue.yaml', data, Path(pruned['model']), cont,
+                         [*common, f'run_name={rule}-seed{seed}-continue']), cont / 'continue.log')
+            record.write_text(json.dumps({'model': str(cont / 'huggingface' / 'model'),
+                                          'history': str(cont / 'dro' / 'history.csv'),
+                                          'wall_s': pruned['wall_s'] + time.perf_counter() - start}))
     run = json.loads(record.read_text())
     if 'loss' not in run or (args.tasks and 'accuracy' not in run):
         run.update(evaluate([run['model']], str(data), max_samples=None, tasks=args.tasks)[0])
@@ -207,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--rules', nargs='+', default=['constant', 'sheared', 'dro'], choices=RULES)
     p.add_argument('--seeds', nargs='+', type=int, default=[17, 18, 19])
     p.add_argument('--proportions', nargs='+', type=float, help='reference ratio (default: natural proportions)')
-    p.add_argument('--continue', dest='continue_pretraining', action='store_true',
-                   help='also continue pretraining each export (yamls/demo/continue.yaml) and judge that model')
+    p.add_argument('--stage', default='prune', choices=STAGES,
+                   help='prune (judge the pruned export), continue (prune, continue pretraining, judge that), or '
+                        'instruct (tune --source on instruction data: the demo\'s four tasks by default)')
     p.add_argument('--quick', action='store_true', help='a few batches per run: a smoke test, not a measurement')
     p.add_argument('--variant', action='append', default=[],
                    help='NAME=KEY=VALUE[ KEY=VALUE...]: one more rule, `dro` with these overrides (repeatable)')
@@ -218,14 +238,18 @@ def main(argv: list[str] | None = None) -> int:
                    help='per-domain continuation tasks (drpruning-make-tasks) to score every model on; built from '
                         "--data with the source's tokenizer if the folder does not exist")
     args = p.parse_args(argv)
-    from drpruning_composer.evaluate import evaluate, read_split
+    from drpruning_composer.evaluate import evaluate
 
     try:
         args.variants = parse_variants(args.variant)
     except ValueError as e:
         p.error(str(e))
     rules = [*args.rules, *args.variants]
+    if args.stage == 'instruct' and args.tasks:
+        p.error('--tasks scores continuation tasks of token data; it does not apply to --stage instruct')
     data, source = data_and_source(args)
+    if args.stage == 'instruct':
+        data = args.data.resolve() if args.data else ensure_demo_instruct(args.demo.resolve())
     domains = domains_of(data)
     proportions = args.proportions or natural_proportions(data)
     if len(proportions) != len(domains):
@@ -244,14 +268,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f'== {rule}, seed {seed}', flush=True)
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
     summary = summarise(runs, source_loss, [r for r in rules if r == 'dro' or r in args.variants])
-    samples = {d: len(read_split(data, d, 'val')) for d in domains}
+    samples = split_samples(data, 'val')
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))
     if args.tasks:
         print('source accuracy (%): ' + ' '.join(f'{d} {100 * source_eval["accuracy"][d]:.2f}' for d in domains)
               + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
     print_summary(summary, domains, len(args.seeds), samples)
-    result = {'data': str(data), 'source': str(source), 'proportions': proportions, 'seeds': args.seeds,
+    result = {'stage': args.stage, 'data': str(data), 'source': str(source), 'proportions': proportions,
+              'seeds': args.seeds,
               'overrides': overrides, 'samples': samples, 'source_loss': source_loss,
               'source_accuracy': source_eval.get('accuracy'), 'summary': summary,
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}

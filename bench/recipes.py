@@ -56,6 +56,17 @@ def ensure_demo(demo: Path) -> tuple[Path, Path]:
     return data, source
 
 
+def ensure_demo_instruct(demo: Path) -> Path:
+    """The demo's instruction data under `demo` (`demo_instruct.build_instruct` with the demo's tokenizer), built if
+    absent; the demo's data stage must have run (`ensure_demo`)."""
+    data = demo / 'instruct_data'
+    if not (data / 'manifest.json').is_file():
+        from drpruning_composer.data.demo_instruct import build_instruct
+
+        build_instruct(demo, demo / 'tokenizer')
+    return data
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--data and --source (any prepared folder and source model), or --demo (the demo's, built if absent)."""
     parser.add_argument('--demo', type=Path, default=Path('runs/bench_demo'),

@@ -61,3 +61,25 @@ def test_distill_overhead_prints_both_steps_and_the_teacher(tmp_path):
     params = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
                                           num_key_value_heads=1, intermediate_size=192)).num_parameters()
     assert float(rows['resident teacher weights (MiB)'][1]) == pytest.approx(4 * params / 2 ** 20, abs=0.05)
+
+
+def test_method_quality_instruct_stage_judges_response_loss_per_task(tiny_demo, tmp_path):
+    """`--stage instruct`: tuning runs per rule on instruction data, judged on each task's response-only loss."""
+    from drpruning_composer.data.demo_instruct import TASKS, build_instruct
+    from drpruning_composer.evaluate import evaluate
+
+    source = tmp_path / 'source'
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_demo / 'tiny_llama').save_pretrained(source)
+    build_instruct(tmp_path, tiny_demo / 'tokenizer', scale=0.05, max_seq_len=256)
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'bench/method_quality.py', '--quick', '--stage', 'instruct', '--data',
+           str(tmp_path / 'instruct_data'), '--source', str(source), '--out', str(out), '--rules', 'constant', 'dro',
+           '--seeds', '1']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / 'results.json').read_text())
+    assert result['stage'] == 'instruct' and set(result['source_loss']) == set(TASKS)
+    run = result['runs']['dro']['1']
+    assert run['loss'] == pytest.approx(evaluate([run['model']], str(tmp_path / 'instruct_data'))[0]['loss'])
+    assert run['loss'] != pytest.approx(result['source_loss'])  # tuned: the model moved from its start
