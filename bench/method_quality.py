@@ -21,7 +21,10 @@ data folder's natural token proportions unless `--proportions` gives it.
     python bench/method_quality.py --stage instruct --rules constant dro   # the demo's instruction tasks
 
 A `--variant NAME=KEY=VALUE[ KEY=VALUE...]` is one more rule: `dro` with those overrides, run on the same seeds and
-paired against every other rule like `dro`.
+paired against every other rule like `dro`. `--reference dynamic teacher` runs `dro` with each reference loss, and
+`--distill [ALPHA]` runs every rule a second time with distillation from the source model (`NAME+kd`):
+
+    python bench/method_quality.py --rules constant dro --reference dynamic teacher --distill
 """
 
 from __future__ import annotations
@@ -59,11 +62,35 @@ def natural_proportions(data: Path) -> list[float]:
     return (rows / rows.sum()).tolist()
 
 
-def rule_overrides(rule: str, proportions: list[float], variants: dict[str, list[str]]) -> list[str]:
-    weights = [1.0 / len(proportions)] * len(proportions) if rule == 'uniform' else proportions
-    update = 'constant' if rule == 'uniform' else 'dro' if rule in variants else rule
+def rule_overrides(rule: str, proportions: list[float], specs: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """The YAML overrides of a named rule: its base rule's mixture and update, then the rule's own overrides."""
+    base, extra = specs[rule]
+    weights = [1.0 / len(proportions)] * len(proportions) if base == 'uniform' else proportions
+    update = 'constant' if base == 'uniform' else base
     return [f'train_loader.dataset.proportions={json.dumps(weights)}', f'callbacks.dro_reweight.update={update}',
-            *variants.get(rule, [])]
+            *extra]
+
+
+def rule_specs(rules: list[str], variants: dict[str, list[str]], references: list[str], distill_alpha: float | None,
+               teacher: Path) -> dict[str, tuple[str, list[str]]]:
+    """Every rule the benchmark runs, as name -> (base rule, extra overrides).
+
+    `dro` runs once per reference loss (`dro` with `dynamic`, `dro-teacher` with the teacher's losses); variants are
+    named `dro` runs; with `distill_alpha` every rule also runs with distillation from `teacher` (`NAME+kd`).
+    """
+    specs: dict[str, tuple[str, list[str]]] = {}
+    for rule in rules:
+        if rule != 'dro':
+            specs[rule] = (rule, [])
+            continue
+        for reference in references:
+            name = 'dro' if reference == 'dynamic' else f'dro-{reference}'
+            specs[name] = ('dro', [f'callbacks.dro_reweight.reference_loss={reference}'])
+    specs.update({name: ('dro', overrides) for name, overrides in variants.items()})
+    if distill_alpha is not None:
+        kd = [f'algorithms.distill.alpha={distill_alpha}', f'algorithms.distill.teacher={teacher}']
+        specs.update({f'{name}+kd': (base, [*extra, *kd]) for name, (base, extra) in list(specs.items())})
+    return specs
 
 
 def parse_variants(specs: list[str]) -> dict[str, list[str]]:
@@ -89,7 +116,7 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     from drpruning_composer.evaluate import evaluate
 
     save = (args.out / f'{rule}-seed{seed}').resolve()
-    common = [*rule_overrides(rule, proportions, args.variants), f'variables.seed={seed}', 'save_overwrite=true',
+    common = [*rule_overrides(rule, proportions, args.specs), f'variables.seed={seed}', 'save_overwrite=true',
               *overrides]
     record = save / 'run.json'
     if not (args.reuse and record.is_file()):
@@ -234,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
                    help='NAME=KEY=VALUE[ KEY=VALUE...]: one more rule, `dro` with these overrides (repeatable)')
     p.add_argument('--override', action='append', default=[], help='YAML override for every run (repeatable)')
     p.add_argument('--reuse', action='store_true', help='keep finished runs under --out')
+    p.add_argument('--distill', nargs='?', type=float, const=0.5, default=None, metavar='ALPHA',
+                   help='also run every rule with distillation from the source model (`NAME+kd`, alpha 0.5 unless '
+                        'given), paired by seed with its LM-loss run')
+    p.add_argument('--reference', nargs='+', default=['dynamic'], choices=['dynamic', 'teacher'],
+                   help="dro's reference loss: dynamic (scaling-law prediction; `dro`) and/or teacher (the source's "
+                        "per-domain loss, or the distillation teacher's; `dro-teacher`)")
     p.add_argument('--tasks', type=Path, default=None,
                    help='per-domain continuation tasks (drpruning-make-tasks) to score every model on; built from '
                         "--data with the source's tokenizer if the folder does not exist")
@@ -244,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = parse_variants(args.variant)
     except ValueError as e:
         p.error(str(e))
-    rules = [*args.rules, *args.variants]
     if args.stage == 'instruct' and args.tasks:
         p.error('--tasks scores continuation tasks of token data; it does not apply to --stage instruct')
     data, source = data_and_source(args)
+    args.specs = rule_specs(args.rules, args.variants, args.reference, args.distill, source)
+    rules = list(args.specs)
     if args.stage == 'instruct':
         data = args.data.resolve() if args.data else ensure_demo_instruct(args.demo.resolve())
     domains = domains_of(data)
@@ -267,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         for rule in rules:
             print(f'== {rule}, seed {seed}', flush=True)
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
-    summary = summarise(runs, source_loss, [r for r in rules if r == 'dro' or r in args.variants])
+    summary = summarise(runs, source_loss, [r for r in rules if args.specs[r][0] == 'dro'])
     samples = split_samples(data, 'val')
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))
     if args.tasks:

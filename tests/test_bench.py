@@ -83,3 +83,28 @@ def test_method_quality_instruct_stage_judges_response_loss_per_task(tiny_demo, 
     run = result['runs']['dro']['1']
     assert run['loss'] == pytest.approx(evaluate([run['model']], str(tmp_path / 'instruct_data'))[0]['loss'])
     assert run['loss'] != pytest.approx(result['source_loss'])  # tuned: the model moved from its start
+
+
+def test_rule_specs_pair_lm_and_distillation_runs_and_pass_preflight(tiny_demo, tmp_path):
+    """`--reference dynamic teacher --distill`: dro once per reference, every rule also with distillation from the
+    source, and each run's YAML (the demo recipe with the rule's overrides) passes the pre-flight check."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from method_quality import rule_overrides, rule_specs
+    from recipes import recipe
+
+    from drpruning_composer.config_check import load_and_check
+
+    source = tmp_path / 'source'
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).save_pretrained(source)
+    AutoTokenizer.from_pretrained(tiny_demo / 'tiny_llama').save_pretrained(source)
+    specs = rule_specs(['constant', 'dro'], {'dro-x': ['callbacks.dro_reweight.rho=0.2']}, ['dynamic', 'teacher'],
+                       0.5, source)
+    assert list(specs) == ['constant', 'dro', 'dro-teacher', 'dro-x', 'constant+kd', 'dro+kd', 'dro-teacher+kd',
+                           'dro-x+kd']
+    assert specs['dro-teacher+kd'] == ('dro', ['callbacks.dro_reweight.reference_loss=teacher',
+                                               'algorithms.distill.alpha=0.5', f'algorithms.distill.teacher={source}'])
+    for rule in specs:
+        overrides = rule_overrides(rule, [0.25] * 4, specs)
+        cfg = load_and_check(str(recipe('prune.yaml', tiny_demo / 'data', source, tmp_path / rule, overrides)))
+        assert cfg['callbacks']['dro_reweight']['update'] == ('constant' if rule.startswith('constant') else 'dro')
+        assert ('distill' in cfg['algorithms']) == rule.endswith('+kd')
