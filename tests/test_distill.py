@@ -2,12 +2,14 @@
 nothing in a real pruning run, and bad options fail before training."""
 
 import os
+import re
 import subprocess
 
 import pytest
 import torch
 
 from conftest import REPO, tiny_prune_overrides
+from test_resume import remove_leaked_shared_memory  # noqa: F401 (fixture)
 
 
 def _logits(seed: int, shape=(3, 7, 50), dtype=torch.float32) -> torch.Tensor:
@@ -150,3 +152,27 @@ def test_teacher_reference_in_a_distillation_run(tiny_demo, source, tmp_path):
     assert len(rows) == 3 and all(math.isfinite(v) for v in references[0])  # batches 0, 2 and 4
     assert references == [references[0]] * 3
     assert [rows[0][f'loss/{d}'] for d in DOMAINS] == pytest.approx(references[0], rel=1e-5)
+
+
+@pytest.mark.usefixtures('remove_leaked_shared_memory')
+def test_killed_distillation_run_resumes_bit_identically_with_its_teacher_reference(tiny_demo, source, tmp_path):
+    """`distill` + `reference_loss: teacher`, SIGKILLed after its batch-4 checkpoint and rerun: the same export to the
+    bit and the same DRO history (teacher reference included) as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from test_resume import _command, _history, _kill_when, _run_to_end, _start
+
+    def command(save):
+        return [*_command(tiny_demo, save), f'variables.source_model={source}', 'model.pretrained=true',
+                'max_duration=6ba', 'algorithms.distill.alpha=0.5', 'callbacks.dro_reweight.reference_loss=teacher']
+
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    _run_to_end(command(full), tmp_path / 'full.log')
+    proc = _start(command(killed), tmp_path / 'killed.log')
+    _kill_when(proc, lambda: (killed / 'ep0-ba4-rank0.pt').exists() and (killed / 'latest-rank0.pt').exists()
+               and os.readlink(killed / 'latest-rank0.pt') == 'ep0-ba4-rank0.pt')
+    out = _run_to_end(command(killed), tmp_path / 'resumed.log')
+    assert re.search(r'resuming from .*ep0-ba4-rank0\.pt', out)
+    a, b = (load_file(run / 'pruned_hf' / 'model.safetensors') for run in (full, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _history(killed) == _history(full) and len(_history(full)) == 6
