@@ -156,7 +156,7 @@ def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[s
     """Mean +- s.e. over the seeds both rules ran of the per-seed difference `rule - baseline`, per metric."""
     seeds = [s for s in runs[rule] if s in runs[baseline]]
     return {m: mean_se([runs[rule][s][m] - runs[baseline][s][m] for s in seeds])
-            for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]]}
+            for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]] and m in runs[baseline][seeds[0]]}
 
 
 def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str]) -> dict:
