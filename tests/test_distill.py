@@ -43,6 +43,7 @@ def test_chunked_kd_equals_one_piece_in_value_and_gradient(chunk_size):
 @pytest.mark.parametrize('kwargs, message', [
     (dict(alpha=1.5), 'alpha'), (dict(alpha=-0.1), 'alpha'), (dict(temperature=0.0), 'temperature'),
     (dict(teacher='/nonexistent/teacher'), 'teacher'), (dict(teacher_dtype='int8'), 'teacher_dtype'),
+    (dict(teacher_sharding='tp'), 'teacher_sharding'),
 ])
 def test_bad_options_name_the_key(kwargs, message):
     from drpruning_composer.distill.algorithm import DistillationAlgorithm
@@ -176,3 +177,41 @@ def test_killed_distillation_run_resumes_bit_identically_with_its_teacher_refere
     a, b = (load_file(run / 'pruned_hf' / 'model.safetensors') for run in (full, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _history(killed) == _history(full) and len(_history(full)) == 6
+
+
+def _sharded_forward(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    td.init_process_group('gloo', rank=rank, world_size=world)
+    from transformers import AutoModelForCausalLM
+
+    from drpruning_composer.distill.algorithm import load_teacher
+
+    student = AutoModelForCausalLM.from_pretrained(folder)
+    teacher = load_teacher(folder, student, torch.float32, 'algorithms.distill.teacher', sharded=True)
+    local = sum(p.to_local().numel() for p in teacher.parameters())
+    ids = torch.arange(24).view(2, 12) % student.config.vocab_size
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits
+    torch.save({'local': local, 'full': student.num_parameters(), 'logits': logits,
+                'expected': student(input_ids=ids).logits.detach()}, f'{out}/rank{rank}.pt')
+    td.destroy_process_group()
+
+
+def test_sharded_teacher_holds_half_the_weights_per_rank_and_computes_the_same_logits(source, tmp_path):
+    """`teacher_sharding: fsdp` on 2 ranks (gloo): each rank keeps about half the teacher's weights, and the teacher's
+    logits equal the unsharded model's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_forward, args=(2, port, str(source), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f'rank{rank}.pt')
+        assert r['local'] <= r['full'] // 2 + 64 and r['local'] >= r['full'] // 2 - 64
+        torch.testing.assert_close(r['logits'], r['expected'], rtol=1e-5, atol=1e-5)

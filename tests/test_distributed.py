@@ -1,7 +1,8 @@
 """DRPruning on 2 ranks (gloo, CPU), under FSDP2 (masks and multipliers sharded with the model) and under DDP (every
 parameter must get a gradient, also in the hard finish, whose masks take no part in the forward), with distillation
-from the source and DRO against the teacher's losses: DRO weights set collectively, the teacher reference the same
-on every rank, and the export at fit end gathers the full model."""
+from the source (the teacher sharded over the ranks under FSDP2, replicated under DDP) and DRO against the teacher's
+losses: DRO weights set collectively, the teacher reference the same on every rank, and the export at fit end
+gathers the full model."""
 
 import json
 
@@ -37,7 +38,8 @@ def test_two_ranks_prune_with_dro_distillation_and_hard_finish_export_target_sha
             'device_train_microbatch_size=2', 'max_duration=10ba', 'save_interval=10ba', 'console_log_interval=1ba',
             'algorithms.l0_mask.lagrangian_warmup=4ba', 'callbacks.dro_reweight.min_fit_points=4',
             f'variables.source_model={source}', 'model.pretrained=true', 'algorithms.distill.alpha=0.5',
-            'callbacks.dro_reweight.reference_loss=teacher', 'eval_first=true', *(FSDP2 if strategy == 'fsdp2' else [])]
+            'callbacks.dro_reweight.reference_loss=teacher', 'eval_first=true',
+            *(FSDP2 + ['algorithms.distill.teacher_sharding=fsdp'] if strategy == 'fsdp2' else [])]
     proc = run_train(args, launcher_args=('-n', '2'), env={'FSDP_VERSION': '2'} if strategy == 'fsdp2' else None)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert (proc.stdout + proc.stderr).count('l0/hard_finish: 1.0000') == 2  # the default 0.2dur: batches 9 and 10

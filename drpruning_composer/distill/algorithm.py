@@ -12,6 +12,7 @@ from composer.loggers import Logger
 from drpruning_composer.distill.kd import kd_loss, next_token_mask
 
 TEACHER_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+TEACHER_SHARDING = ('replicated', 'fsdp')
 
 
 def hf_model(state: State) -> torch.nn.Module:
@@ -19,9 +20,10 @@ def hf_model(state: State) -> torch.nn.Module:
     return getattr(state.model, 'model', state.model)
 
 
-def load_teacher(path: str | None, student: torch.nn.Module, dtype: torch.dtype, key: str) -> torch.nn.Module:
+def load_teacher(path: str | None, student: torch.nn.Module, dtype: torch.dtype, key: str,
+                 sharded: bool = False) -> torch.nn.Module:
     """A frozen Hugging Face model from the local folder `path` (None: the student's own source folder), in `dtype`
-    on the student's device, in eval mode; errors name the YAML `key` that chose it.
+    on the student's device (`sharded`: see `shard_teacher`), in eval mode; errors name the YAML `key` that chose it.
 
     Shared by `distill` (its teacher) and `dro_reweight`'s `reference_loss: teacher` without `distill`.
     """
@@ -36,7 +38,25 @@ def load_teacher(path: str | None, student: torch.nn.Module, dtype: torch.dtype,
         raise ValueError(f'{key}: {path} has a vocabulary of {teacher.config.vocab_size}, '
                          f'the student {student.config.vocab_size}; the teacher needs the same vocabulary')
     device = next(student.parameters()).device
-    return teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher.eval().requires_grad_(False)
+    return shard_teacher(teacher, device) if sharded else teacher.to(device)
+
+
+def shard_teacher(teacher: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The teacher sharded over all ranks with FSDP2 (`fully_shard` on each decoder layer, then on the rest): each
+    device keeps 1/world of its weights, and a forward gathers one layer at a time, so every rank must run the
+    teacher on the same number of batches (training and evaluation do). Layers move to `device` one at a time as
+    they are sharded, so the whole teacher is only ever held in host memory (where `from_pretrained` loads it)."""
+    from composer.utils import dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.get_world_size() == 1:
+        return teacher.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in getattr(getattr(teacher, 'model', None), 'layers', []):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(teacher, mesh=mesh)
 
 
 class DistillationAlgorithm(Algorithm):
@@ -45,8 +65,9 @@ class DistillationAlgorithm(Algorithm):
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * LM loss, over the positions the LM loss covers;
     other entries of a loss dict (the pruning Lagrangian) are added unchanged. The teacher is a Hugging Face folder
     (default: the student's own `pretrained_model_name_or_path`, i.e. the model being pruned), loaded at INIT in
-    `teacher_dtype`, without gradients or optimizer state, and replicated on every rank. It is not part of the
-    model, so it is neither checkpointed nor wrapped by FSDP. Logged: `loss/train/kd`, `loss/train/lm`.
+    `teacher_dtype`, without gradients or optimizer state, replicated on every rank or, with `teacher_sharding: fsdp`
+    for a teacher too large for one device, sharded over the ranks (`shard_teacher`). It is not part of the model, so
+    it is neither checkpointed nor wrapped by the student's FSDP. Logged: `loss/train/kd`, `loss/train/lm`.
 
     Args:
         teacher: local Hugging Face folder of the teacher, or None for the student's source folder.
@@ -54,10 +75,12 @@ class DistillationAlgorithm(Algorithm):
         temperature: softmax temperature T > 0 of both distributions.
         chunk_size: positions per chunk of the KD computation (see `kd_loss`).
         teacher_dtype: `float32`, `bfloat16` or `float16`.
+        teacher_sharding: `replicated` (a full copy per rank: no communication) or `fsdp` (1/world of the weights per
+            rank, gathered layer by layer in each forward).
     """
 
     def __init__(self, teacher: str | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                 chunk_size: int = 1024, teacher_dtype: str = 'float32') -> None:
+                 chunk_size: int = 1024, teacher_dtype: str = 'float32', teacher_sharding: str = 'replicated') -> None:
         if not 0 <= alpha <= 1:
             raise ValueError(f'algorithms.distill.alpha must be in [0, 1], got {alpha}')
         if not temperature > 0:
@@ -67,6 +90,9 @@ class DistillationAlgorithm(Algorithm):
         if teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f'algorithms.distill.teacher_dtype must be one of {sorted(TEACHER_DTYPES)}, '
                              f'got {teacher_dtype!r}')
+        if teacher_sharding not in TEACHER_SHARDING:
+            raise ValueError(f'algorithms.distill.teacher_sharding must be one of {TEACHER_SHARDING}, '
+                             f'got {teacher_sharding!r}')
         if teacher is not None and not os.path.isfile(os.path.join(teacher, 'config.json')):
             raise ValueError(f'algorithms.distill.teacher: {teacher} is not a local Hugging Face model folder')
         self.teacher_path = teacher
@@ -74,6 +100,7 @@ class DistillationAlgorithm(Algorithm):
         self.temperature = float(temperature)
         self.chunk_size = int(chunk_size)
         self.teacher_dtype = TEACHER_DTYPES[teacher_dtype]
+        self.sharded = teacher_sharding == 'fsdp'
         self.teacher: torch.nn.Module | None = None
 
     def match(self, event: Event, state: State) -> bool:
@@ -82,7 +109,7 @@ class DistillationAlgorithm(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
             self.teacher = load_teacher(self.teacher_path, hf_model(state), self.teacher_dtype,
-                                        'algorithms.distill.teacher')
+                                        'algorithms.distill.teacher', self.sharded)
         else:
             self._mix_loss(state)
 
