@@ -165,10 +165,11 @@ def test_cli_writes_instruction_data(tiny_demo, tmp_path, capsys):
     assert manifest['domains']['add']['train']['samples'] < manifest['domains']['add']['train']['examples']
 
 
-def _loader(prepared, tiny_demo, **dataset):
+def _loader(prepared, tiny_demo, num_workers=0, **dataset):
     cfg = {'local': str(prepared), 'domains': list(TASKS), 'proportions': [0.5, 0.3, 0.2], 'max_seq_len': 64,
            'seed': 5, **dataset}
-    return build_dynamic_mixture_dataloader(_tokenizer(tiny_demo), 4, cfg).dataloader
+    return build_dynamic_mixture_dataloader(_tokenizer(tiny_demo), 4, cfg, num_workers=num_workers,
+                                            prefetch_factor=2 if num_workers else None).dataloader
 
 
 def _rows(batch):
@@ -176,8 +177,9 @@ def _rows(batch):
             for d, ids, m, lab in zip(batch['domain_idx'], batch['input_ids'], batch['attention_mask'], batch['labels'])]
 
 
-def test_mixture_over_tasks_resumes_exactly_across_weight_changes(prepared, tiny_demo):
-    loader = _loader(prepared, tiny_demo)
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_mixture_over_tasks_resumes_exactly_across_weight_changes(prepared, tiny_demo, num_workers):
+    loader = _loader(prepared, tiny_demo, num_workers)
     batches, state = [], None
     for b, batch in zip(range(10), loader):
         batches.append(_rows(batch))
@@ -185,7 +187,7 @@ def test_mixture_over_tasks_resumes_exactly_across_weight_changes(prepared, tiny
             loader.dataset.set_weights([0.1, 0.1, 0.8])
         if b == 4:
             state = loader.dataset.state_dict(5 * 4, True)
-    resumed = _loader(prepared, tiny_demo)
+    resumed = _loader(prepared, tiny_demo, num_workers)
     resumed.dataset.load_state_dict(state)
     assert [_rows(batch) for _, batch in zip(range(5), resumed)] == batches[5:]
     first = next(iter(_loader(prepared, tiny_demo)))
