@@ -20,7 +20,7 @@ from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
 from llmfoundry.models.hf import ComposerHFCausalLM
-from pruning_overhead import CLOCKS, BatchTimer, _train_step_seconds
+from pruning_overhead import CLOCKS, BatchTimer, _train_step_seconds, print_table
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -120,10 +120,7 @@ def main() -> None:
          f'{kd_mem / plain_mem:.2f}'),
         ('resident teacher weights (MiB)', '0', f'{teacher_bytes / MIB:.1f}', ''),
     ]
-    header = ('metric', 'LM loss', 'distill', 'ratio')
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for row in [header, tuple('-' * w for w in widths), *rows]:
-        print(' | '.join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print_table(('metric', 'LM loss', 'distill', 'ratio'), rows)
 
 
 if __name__ == '__main__':

@@ -90,6 +90,13 @@ def _forward_tokens_per_second(models: list[torch.nn.Module], args: argparse.Nam
     return [tokens.numel() / statistics.median(t[args.warmup_steps:]) for t in times]
 
 
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns separated by `|`, a dashed line under the header."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, tuple('-' * w for w in widths), *rows]:
+        print(' | '.join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--vocab', type=int, default=1024)
@@ -144,10 +151,7 @@ def main() -> None:
          f'{pruned_tps / source_tps:.3f}'),
         ('non-embedding params', f'{source_params}', f'{pruned_params}', f'{pruned_params / source_params:.3f}'),
     ]
-    header = ('metric', 'plain / source', 'masked / pruned', 'ratio')
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    for row in [header, tuple('-' * w for w in widths), *rows]:
-        print(' | '.join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print_table(('metric', 'plain / source', 'masked / pruned', 'ratio'), rows)
 
 
 if __name__ == '__main__':

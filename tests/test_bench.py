@@ -56,7 +56,7 @@ def test_distill_overhead_prints_both_steps_and_the_teacher(tmp_path):
     rows = {m.group(1).strip(): m.groups()[1:] for m in
             re.finditer(r'^([^|\n]+)\| ([0-9.]+)\s*\| ([0-9.]+)\s*\| ([0-9.]*)', proc.stdout, re.M)}
     plain, kd, ratio = (float(v) for v in rows['train step (cpu s/batch)'])
-    assert plain > 0 and kd > 0 and ratio == pytest.approx(kd / plain, abs=0.01)
+    assert plain > 0 and kd > 0 and ratio == pytest.approx(kd / plain, rel=0.03)  # the printed figures are rounded
     assert float(rows['step peak memory above its start (MiB)'][1]) > 0
     params = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
                                           num_key_value_heads=1, intermediate_size=192)).num_parameters()

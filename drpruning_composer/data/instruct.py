@@ -34,7 +34,7 @@ import torch
 from streaming import StreamingDataset
 
 from drpruning_composer.atomic import atomic_directory
-from drpruning_composer.data.prepare import (JSONL_SUFFIXES, MANIFEST, PrepareError, load_tokenizer,
+from drpruning_composer.data.prepare import (JSONL_SUFFIXES, MANIFEST, PrepareError, check_inputs, load_tokenizer,
                                              split_documents)
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,9 @@ def prepare_instruct(
 ) -> dict:
     """Tokenize every task into `out` (atomically) and return the manifest. Raises PrepareError on bad input."""
     out = Path(out)
-    if not sources:
-        raise PrepareError('no tasks given')
-    if max_seq_len < 2:
-        raise PrepareError(f'--max-seq-len must be >= 2, got {max_seq_len}')
-    if not 0 < val_fraction < 1:
-        raise PrepareError(f'--val-fraction must be in (0, 1), got {val_fraction}')
     if overlong not in OVERLONG:
         raise PrepareError(f'--overlong must be one of {OVERLONG}, got {overlong!r}')
-    if out.exists() and not overwrite:
-        raise PrepareError(f'--out {out} already exists (pass --overwrite to replace it)')
-    for name, src in sources.items():
-        if not src.exists():
-            raise PrepareError(f'task "{name}": source {src} does not exist')
+    check_inputs(sources, out, max_seq_len, val_fraction, overwrite, 'task')
     tokenizer = load_tokenizer(tokenizer_path)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:

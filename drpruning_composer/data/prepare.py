@@ -153,6 +153,22 @@ def _write_mds(rows: np.ndarray, out_dir: Path, compression: str | None) -> None
             w.write({'tokens': row})
 
 
+def check_inputs(sources: dict[str, Path], out: Path, max_seq_len: int, val_fraction: float, overwrite: bool,
+                 kind: str) -> None:
+    """The checks every preparation makes before reading anything (`kind`: what a source is, for the messages)."""
+    if not sources:
+        raise PrepareError(f'no {kind}s given')
+    if max_seq_len < 2:
+        raise PrepareError(f'--max-seq-len must be >= 2, got {max_seq_len}')
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f'--val-fraction must be in (0, 1), got {val_fraction}')
+    if out.exists() and not overwrite:
+        raise PrepareError(f'--out {out} already exists (pass --overwrite to replace it)')
+    for name, src in sources.items():
+        if not src.exists():
+            raise PrepareError(f'{kind} "{name}": source {src} does not exist')
+
+
 def prepare(
     sources: dict[str, Path],
     tokenizer_path: str | os.PathLike,
@@ -166,17 +182,7 @@ def prepare(
 ) -> dict:
     """Tokenize every domain into `out` and return the manifest. Raises PrepareError on bad input."""
     out = Path(out)
-    if not sources:
-        raise PrepareError('no domains given')
-    if max_seq_len < 2:
-        raise PrepareError(f'--max-seq-len must be >= 2, got {max_seq_len}')
-    if not 0 < val_fraction < 1:
-        raise PrepareError(f'--val-fraction must be in (0, 1), got {val_fraction}')
-    if out.exists() and not overwrite:
-        raise PrepareError(f'--out {out} already exists (pass --overwrite to replace it)')
-    for name, src in sources.items():
-        if not src.exists():
-            raise PrepareError(f'domain "{name}": source {src} does not exist')
+    check_inputs(sources, out, max_seq_len, val_fraction, overwrite, 'domain')
     tokenizer = load_tokenizer(tokenizer_path)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
