@@ -30,7 +30,7 @@ setup(
     extras_require={'test': ['pytest==9.2.0']},
     entry_points={
         'console_scripts': [
-            'drpruning-prepare = drpruning_composer.data.prepare:main',
+            'drpruning-prepare = drpruning_composer.data.cli:main',
             'drpruning-export = drpruning_composer.pruning.export:main',
             'drpruning-make-tasks = drpruning_composer.data.tasks:main',
         ],

@@ -16,7 +16,7 @@ from drpruning_composer.data.instruct import (ResponseCollator, pack_examples, p
                                               tokenize_segments)
 from drpruning_composer.data.mixture import DynamicMixtureSampler, build_dynamic_mixture_dataloader
 from drpruning_composer.data.prepare import PrepareError
-from drpruning_composer.data.prepare import main as prepare_main
+from drpruning_composer.data.cli import main as prepare_main
 
 TASKS = {'add': 30, 'chat': 12, 'echo': 20}
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drpruning_composer.data.prepare import PrepareError, main, prepare
+from drpruning_composer.data.cli import main
+from drpruning_composer.data.prepare import PrepareError, prepare
 from drpruning_composer.evaluate import read_split
 
 

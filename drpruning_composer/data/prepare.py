@@ -10,19 +10,18 @@ Documents are split between train and val *by document* (seeded shuffle), joined
 `max_seq_len` samples; the tail that does not fill a sample is dropped. Everything is written into a temporary
 folder beside OUT and renamed at the end, so a failure never leaves a half-written OUT.
 
-CLI: ``drpruning-prepare --input ROOT --tokenizer TOK --out OUT`` (each sub-folder of ROOT is a domain) or
-``--domain NAME=PATH`` (repeatable). With ``--instruct`` the sources are instruction tasks (prompt/response or chat
-messages) and the output has a loss mask: see :mod:`drpruning_composer.data.instruct`.
+CLI (:mod:`drpruning_composer.data.cli`): ``drpruning-prepare --input ROOT --tokenizer TOK --out OUT`` (each
+sub-folder of ROOT is a domain) or ``--domain NAME=PATH`` (repeatable). With ``--instruct`` the sources are
+instruction tasks (prompt/response or chat messages) and the output has a loss mask: see
+:mod:`drpruning_composer.data.instruct`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -252,45 +251,3 @@ def format_manifest(manifest: dict) -> str:
                      f"val {d['val']['documents']:>5} docs {d['val']['tokens']:>9} tokens | "
                      f"skipped files {d['files_skipped']}")
     return '\n'.join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog='drpruning-prepare', description=__doc__.split('\n\n')[0])
-    p.add_argument('--input', help='folder with one sub-folder per domain (.jsonl files with a text field, '
-                                   'or plain text files)')
-    p.add_argument('--domain', action='append', default=[], metavar='NAME=PATH',
-                   help='a domain and its source folder or file (repeatable)')
-    p.add_argument('--tokenizer', required=True, help='local Hugging Face tokenizer folder')
-    p.add_argument('--out', required=True, help='output folder (created atomically)')
-    p.add_argument('--max-seq-len', type=int, default=256)
-    p.add_argument('--val-fraction', type=float, default=0.05)
-    p.add_argument('--seed', type=int, default=17)
-    p.add_argument('--text-field', default='text', help='JSON field holding the text in .jsonl files')
-    p.add_argument('--compression', default=None, choices=[None, 'zstd'])
-    p.add_argument('--instruct', action='store_true',
-                   help='instruction data: .jsonl with prompt/response or messages, one source per task')
-    p.add_argument('--overlong', default='truncate', choices=['truncate', 'reject'],
-                   help='--instruct: an example longer than --max-seq-len is cut (and counted) or an error')
-    p.add_argument('--pack', action='store_true', help='--instruct: pack consecutive train examples into rows')
-    p.add_argument('--overwrite', action='store_true')
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
-    try:
-        sources = parse_sources(args.input, args.domain)
-        if args.instruct:
-            from drpruning_composer.data.instruct import prepare_instruct
-
-            manifest = prepare_instruct(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction,
-                                        args.seed, args.overlong, args.pack, args.compression, args.overwrite)
-        else:
-            manifest = prepare(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction, args.seed,
-                               args.text_field, args.compression, args.overwrite)
-    except PrepareError as e:
-        print(f'drpruning-prepare: error: {e}', file=sys.stderr)
-        return 2
-    print(format_manifest(manifest))
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())
