@@ -7,6 +7,7 @@ or tokenizer must be local. Each error names the YAML key at fault.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -92,6 +93,18 @@ def check_data(cfg: DictConfig) -> None:
         for k, folder in _local_dirs(loader['dataset'], f'{key}.dataset', None):
             if not os.path.isdir(folder):
                 raise ConfigError(f'{k}: data folder {folder} does not exist')
+            if loader.get('name') == 'instruct' and not _has_loss_mask(folder):
+                raise ConfigError(f'{k}: {folder} is not instruction data (no loss_mask column); the instruct loader '
+                                  'reads what drpruning-prepare --instruct writes')
+
+
+def _has_loss_mask(folder: str) -> bool:
+    index = os.path.join(folder, 'index.json')
+    if not os.path.isfile(index):
+        return True  # the loader itself reports a folder without shards
+    with open(index) as f:
+        shards = json.load(f)['shards']
+    return bool(shards) and 'loss_mask' in shards[0].get('column_names', [])
 
 
 def check_icl_tasks(cfg: DictConfig) -> None:

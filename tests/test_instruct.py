@@ -242,3 +242,19 @@ def test_llmfoundry_train_tunes_with_dro_and_one_eval_loss_per_task(tiny_demo, t
 
     exported = evaluate([str(save / 'huggingface' / 'model')], str(tmp_path / 'instruct_data'))[0]['loss']
     assert exported == pytest.approx({t: float(v[-1]) for t, v in logged.items()}, abs=2e-4)  # response-only both
+
+
+def test_instruct_eval_loader_on_token_data_fails_before_training(tiny_demo):
+    from drpruning_composer.config_check import ConfigError, load_and_check
+
+    overrides = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama',
+                 'model.pretrained=false', f'variables.data={tiny_demo}/data',
+                 'variables.domains=[c_headers,prose,python,records]']
+    with pytest.raises(ConfigError, match=r'^train_loader.dataset.local: .*function_body/train does not exist'):
+        load_and_check(str(REPO / 'yamls/demo/instruct.yaml'), overrides[:3])
+    eval_loader = ('eval_loader=[{name: instruct, label: prose, drop_last: false, dataset: {local: '
+                   f"'{tiny_demo}/data/prose', split: val, max_seq_len: 256}}}}]")
+    with pytest.raises(ConfigError, match=r'^eval_loader\[0\].dataset.local: .*prose/val is not instruction data'):
+        load_and_check(str(REPO / 'yamls/demo/instruct.yaml'), [*overrides, eval_loader,
+                                                                  'callbacks.dro_reweight.domains=[prose]',
+                                                                  'train_loader.dataset.domains=[prose]'])
