@@ -63,44 +63,47 @@ def build_items(documents: Sequence[np.ndarray], starts_word: Callable[[int], bo
                 seed: int, max_items: int | None = None) -> tuple[list[dict], int]:
     """Multiple-choice items as token lists, and the number of documents too short for one item.
 
-    Each item is {'context': [...], 'choices': [[...], ...], 'gold': i}. Items are non-overlapping windows of each
-    document, each split at a word boundary (`starts_word(token_id)`); distractors are continuation-length spans
-    starting at a word boundary of other usable documents, each from a different document and none equal to the
-    gold span. Deterministic for a seed.
+    Each item is {'context': [...], 'choices': [[...], ...], 'gold': i}. Windows are non-overlapping spans of context
+    + continuation in each document, each split at a word boundary (`starts_word(token_id)`). An item's distractors
+    are the continuations of windows of other documents, each from a different document and none equal to the gold
+    span: gold and distractors are drawn from the same population of spans (same positions in their documents, each
+    document weighted by its windows), so a score that ignores the context cannot prefer the gold. Deterministic
+    for a seed.
     """
     n, m, k = shape.context_tokens, shape.continuation_tokens, shape.num_choices
     rng = np.random.default_rng(seed)
-    boundaries = [[i for i in range(len(d)) if starts_word(int(d[i]))] for d in documents]
     usable = [j for j, d in enumerate(documents) if len(d) >= n + m]
     skipped = len(documents) - len(usable)
-    spans = {j: [b for b in boundaries[j] if b + m <= len(documents[j])] for j in usable}
-    donors = [j for j in usable if spans[j]]
-    items = []
+    windows = []  # (document, start of the continuation)
     for j in usable:
-        doc, at = documents[j], set(boundaries[j])
+        doc = documents[j]
         pos = n
         while pos + m <= len(doc):
-            if pos not in at:
+            if starts_word(int(doc[pos])):
+                windows.append((j, pos))
+                pos += n + m
+            else:
                 pos += 1
-                continue
-            gold = doc[pos:pos + m]
-            others = [o for o in donors if o != j]
-            if len(others) < k - 1:
-                break
-            choices = []
-            for o in rng.permutation(others):
-                start = spans[o][rng.integers(len(spans[o]))]
-                span = documents[o][start:start + m]
-                if not np.array_equal(span, gold):
-                    choices.append(span)
+    if len({j for j, _ in windows}) < k:
+        return [], skipped
+    items = []
+    for j, pos in windows:
+        gold = documents[j][pos:pos + m]
+        choices, used = [], {j}
+        for w in rng.permutation(len(windows)):
+            o, start = windows[w]
+            span = documents[o][start:start + m]
+            if o not in used and not np.array_equal(span, gold):
+                choices.append(span)
+                used.add(o)
                 if len(choices) == k - 1:
                     break
-            if len(choices) < k - 1:
-                break
-            g = int(rng.integers(k))
-            choices.insert(g, gold)
-            items.append({'context': doc[pos - n:pos].tolist(), 'choices': [c.tolist() for c in choices], 'gold': g})
-            pos += n + m
+        if len(choices) < k - 1:
+            continue
+        g = int(rng.integers(k))
+        choices.insert(g, gold)
+        items.append({'context': documents[j][pos - n:pos].tolist(), 'choices': [c.tolist() for c in choices],
+                      'gold': g})
     if max_items is not None and len(items) > max_items:
         keep = np.sort(rng.choice(len(items), size=max_items, replace=False))
         items = [items[i] for i in keep]
