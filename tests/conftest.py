@@ -32,3 +32,17 @@ def tiny_prune_overrides(demo: Path, save_folder: Path) -> list[str]:
             'model.pretrained=false', f'variables.save_folder={save_folder}', 'global_train_batch_size=4',
             'eval_subset_num_batches=1', 'eval_interval=2ba', *(f'algorithms.l0_mask.target.{k}={v}'
                                                                 for k, v in TINY_TARGET.items())]
+
+
+@pytest.fixture(autouse=True)
+def release_streaming_shared_memory():
+    """mosaicml-streaming keeps each dataset's shared memory open until the process exits (atexit holds it), which
+    over a whole session exceeds the open-file limit; a test's datasets are done when it ends, so release theirs."""
+    yield
+    import gc
+
+    from streaming.base.shared.memory import SharedMemory
+
+    for obj in gc.get_objects():
+        if type(obj) is SharedMemory:  # type(), not isinstance: it touches no lazy module attribute
+            obj.cleanup()
