@@ -276,6 +276,7 @@ class InstructRows(StreamingDataset):
 
 
 def pad_token_id(tokenizer: Any) -> int:
+    """The id padded rows are filled with (masked out of attention and loss, so any id would do)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
