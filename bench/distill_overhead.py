@@ -19,9 +19,7 @@ from composer import Trainer
 from composer.core import Algorithm, Callback, Event, State
 from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
-from llmfoundry.models.hf import ComposerHFCausalLM
-from pruning_overhead import CLOCKS, BatchTimer, _train_step_seconds, print_table
-from torch.utils.data import DataLoader
+from pruning_overhead import CLOCKS, BatchTimer, _train_step_seconds, model_and_random_batches, print_table
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from drpruning_composer.distill.algorithm import DistillationAlgorithm
@@ -61,12 +59,7 @@ class PeakMemory(Callback):
 
 def _trainer(source_dir: str, args: argparse.Namespace,
              algorithm: Algorithm | None) -> tuple[Trainer, BatchTimer, PeakMemory]:
-    torch.manual_seed(0)
-    model = ComposerHFCausalLM(tokenizer=None, pretrained_model_name_or_path=source_dir, pretrained=False,
-                               use_train_metrics=False, attn_implementation='sdpa')
-    tokens = torch.randint(0, args.vocab, (args.steps * args.batch, args.seq))
-    loader = DataLoader([{'input_ids': t, 'attention_mask': torch.ones_like(t), 'labels': t} for t in tokens],
-                        batch_size=args.batch)
+    model, loader = model_and_random_batches(source_dir, args)
     memory, timer = PeakMemory(args.device == 'gpu'), BatchTimer(CLOCKS[args.clock])
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f'{args.steps}ba',
                       optimizers=DecoupledAdamW(model.parameters(), lr=1e-4),

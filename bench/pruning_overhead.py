@@ -50,14 +50,20 @@ def _non_embedding_params(model: torch.nn.Module) -> int:
                if 'embed_tokens' not in n and 'lm_head' not in n and 'l0_masks' not in n)
 
 
-def _trainer(source_dir: str, args: argparse.Namespace,
-             algorithm: L0MaskAlgorithm | None) -> tuple[Trainer, BatchTimer]:
+def model_and_random_batches(source_dir: str, args: argparse.Namespace) -> tuple[ComposerHFCausalLM, DataLoader]:
+    """The random-init model of `source_dir` (seed 0) and `args.steps` batches of random tokens as LM examples."""
     torch.manual_seed(0)
     model = ComposerHFCausalLM(tokenizer=None, pretrained_model_name_or_path=source_dir, pretrained=False,
                                use_train_metrics=False, attn_implementation='sdpa')
     tokens = torch.randint(0, args.vocab, (args.steps * args.batch, args.seq))
     loader = DataLoader([{'input_ids': t, 'attention_mask': torch.ones_like(t), 'labels': t} for t in tokens],
                         batch_size=args.batch)
+    return model, loader
+
+
+def _trainer(source_dir: str, args: argparse.Namespace,
+             algorithm: L0MaskAlgorithm | None) -> tuple[Trainer, BatchTimer]:
+    model, loader = model_and_random_batches(source_dir, args)
     timer = BatchTimer(CLOCKS[args.clock])
     trainer = Trainer(model=model, train_dataloader=loader, max_duration=f'{args.steps}ba',
                       optimizers=DecoupledAdamW(model.parameters(), lr=1e-4),
