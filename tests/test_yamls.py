@@ -84,8 +84,8 @@ def test_demo_pruning_halves_the_source():
 
 @pytest.mark.parametrize('name', ['prune.yaml', 'continue.yaml'])
 def test_demo_yaml_documents_a_distillation_override_that_passes_preflight(tiny_demo, tmp_path, name):
-    """The override line in the demo YAML's header turns on `distill` (teacher: the unpruned source) and the
-    teacher reference, and the pre-flight check and both components accept it."""
+    """The override line in the demo YAML's header turns on `distill` (teacher: the unpruned source); with the
+    teacher reference the header also names, the pre-flight check and both components accept it."""
     import shlex
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +95,7 @@ def test_demo_yaml_documents_a_distillation_override_that_passes_preflight(tiny_
 
     text = (REPO / 'yamls' / 'demo' / name).read_text()
     line = next(line for line in text.splitlines() if line.startswith(f'#   composer train.py yamls/demo/{name} '))
-    overrides = shlex.split(line)[4:]
+    overrides = [*shlex.split(line)[4:], 'callbacks.dro_reweight.reference_loss=teacher']
     demo = tmp_path / 'demo'  # a demo folder with the models the stages before this one write
     demo.mkdir()
     (demo / 'data').symlink_to(tiny_demo / 'data')
