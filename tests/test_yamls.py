@@ -157,7 +157,7 @@ def test_eval_downstream_yaml_runs_llmfoundry_eval_on_local_task_files(tiny_demo
     proc = subprocess.run(['llmfoundry', 'eval', str(REPO / 'yamls' / EVAL_YAML), f'variables.model={model}',
                            f'variables.local_data={local}', 'variables.max_seq_len=64', 'precision=fp32',
                            'icl_subset_num_batches=1'],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
