@@ -136,6 +136,14 @@ def test_bad_records_name_the_culprit(tiny_demo, tmp_path, records, message):
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_byte_order_mark_is_not_an_error(tiny_demo, tmp_path):
+    (tmp_path / 'bom').mkdir()
+    lines = ''.join(json.dumps({'prompt': f'q{i}', 'response': f' a{i}'}) + '\n' for i in range(4))
+    (tmp_path / 'bom' / 'part.jsonl').write_bytes(b'\xef\xbb\xbf' + lines.encode())
+    manifest = prepare_instruct({'bom': tmp_path / 'bom'}, tiny_demo / 'tokenizer', tmp_path / 'out', max_seq_len=32)
+    assert sum(manifest['domains']['bom'][s]['examples'] for s in ('train', 'val')) == 4
+
+
 def test_overlong_examples_are_truncated_and_counted_or_rejected(tiny_demo, tmp_path):
     tok = _tokenizer(tiny_demo)
     (tmp_path / 'long').mkdir()

@@ -114,13 +114,39 @@ def test_binary_and_unreadable_files_are_skipped_and_counted(tiny_demo, tmp_path
         (src / f'doc{i:02d}.txt').write_text(d)
     (src / 'blob.bin').write_bytes(b'\x00\x01\x02binary')
     (src / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
-    (src / 'broken.jsonl').write_text('{"text": "ok"}\nnot json\n')
+    (src / 'broken.jsonl').write_text('not json at all\n{"x": 1}\n')  # no usable line: the file is skipped
     out = tmp_path / 'out'
     assert main(['--domain', f'mixed={src}', '--domain', f'copy={src}', '--tokenizer', str(tiny_demo / 'tokenizer'),
                  '--out', str(out), '--max-seq-len', '16']) == 0
     entry = json.loads((out / 'manifest.json').read_text())['domains']['mixed']
-    assert entry['files_skipped'] == 3 and entry['files_read'] == 30
-    assert 'skipped files 3' in capsys.readouterr().out
+    assert entry['files_skipped'] == 3 and entry['files_read'] == 30 and entry['lines_skipped'] == 0
+    assert 'skipped files 3, lines 0' in capsys.readouterr().out
+
+
+def test_byte_order_mark_and_bad_lines_do_not_lose_a_file(tiny_demo, tmp_path, caplog):
+    """A .jsonl (or text) file saved with a UTF-8 byte-order mark is read whole, without the mark; one unparsable
+    or field-less line is skipped and counted, with a warning naming its file and line; the file's other lines stay."""
+    src = tmp_path / 'in' / 'bom'
+    src.mkdir(parents=True)
+    docs = _docs(3, 20)
+    (src / 'a.jsonl').write_bytes(b'\xef\xbb\xbf' + ''.join(json.dumps({'text': d}) + '\n' for d in docs).encode())
+    lines = [json.dumps({'text': d}) for d in docs[:10]]
+    lines[3] = '{"text": "cut off'
+    lines[6] = json.dumps({'title': 'no text field'})
+    (src / 'b.jsonl').write_text('\n'.join(lines) + '\n')
+    (src / 'c.txt').write_bytes(b'\xef\xbb\xbfplain text with a mark')
+    out = tmp_path / 'out'
+    with caplog.at_level('WARNING'):
+        manifest = prepare({'bom': src, 'copy': src}, tiny_demo / 'tokenizer', out, max_seq_len=16, val_fraction=0.2)
+    entry = manifest['domains']['bom']
+    assert entry['files_read'] == 3 and entry['files_skipped'] == 0 and entry['lines_skipped'] == 2
+    assert entry['train']['documents'] + entry['val']['documents'] == 20 + 8 + 1
+    assert f'{src / "b.jsonl"}:4 (not JSON' in caplog.text and f'{src / "b.jsonl"}:7 (no "text" field)' in caplog.text
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_demo / 'tokenizer'))
+    text = ''.join(tok.decode(_all_rows(out, 'bom', split).reshape(-1).tolist()) for split in ('train', 'val'))
+    assert '\ufeff' not in text
 
 
 def test_cli_reports_bad_input_without_traceback(tiny_demo, tmp_path, capsys):

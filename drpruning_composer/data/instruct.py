@@ -46,10 +46,13 @@ Example = tuple[np.ndarray, np.ndarray]  # (int32 token ids, uint8 loss mask)
 
 
 def read_records(source: Path) -> Iterator[tuple[str, dict]]:
-    """Yield (where, record) for every non-empty line of a task's .jsonl file(s), in sorted file order."""
+    """Yield (where, record) for every non-empty line of a task's .jsonl file(s), in sorted file order.
+
+    A UTF-8 byte-order mark at the start of a file is ignored; a line that is not JSON is a PrepareError naming it.
+    """
     files = [source] if source.is_file() else sorted(p for p in source.rglob('*') if p.suffix in JSONL_SUFFIXES)
     for path in files:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

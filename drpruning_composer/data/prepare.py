@@ -42,16 +42,33 @@ class PrepareError(ValueError):
 
 @dataclass
 class SourceStats:
-    """What reading one domain's source found."""
+    """What reading one domain's source found: files read and skipped, JSON lines skipped, a few examples of each."""
 
     files_read: int = 0
     files_skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    lines_skipped: int = 0
+    skipped_line_examples: list[str] = field(default_factory=list)
 
     def skip(self, path: Path, why: str) -> None:
+        """Count a whole file that yields no document (`why`: the reason, for the warning)."""
         self.files_skipped += 1
         if len(self.skipped_examples) < 5:
             self.skipped_examples.append(f'{path} ({why})')
+
+    def skip_line(self, path: Path, line_number: int, why: str) -> None:
+        """Count one unusable line of a JSON lines file whose other lines are read."""
+        self.lines_skipped += 1
+        if len(self.skipped_line_examples) < 5:
+            self.skipped_line_examples.append(f'{path}:{line_number} ({why})')
+
+
+def decode_text(raw: bytes) -> str:
+    """UTF-8 text of a file's bytes, without a leading byte-order mark (editors on Windows write one).
+
+    Raises UnicodeDecodeError for bytes that are not UTF-8.
+    """
+    return raw.decode('utf-8-sig')
 
 
 def _read_text_file(path: Path, stats: SourceStats) -> str | None:
@@ -64,17 +81,44 @@ def _read_text_file(path: Path, stats: SourceStats) -> str | None:
         stats.skip(path, 'binary')
         return None
     try:
-        return raw.decode('utf-8')
+        return decode_text(raw)
     except UnicodeDecodeError:
         stats.skip(path, 'not UTF-8')
         return None
 
 
+def parse_json_lines(text: str, text_field: str) -> tuple[list[str], list[tuple[int, str]]]:
+    """The documents of a JSON lines text, and the (1-based line number, reason) of every line that is not usable.
+
+    A usable line is a JSON object whose `text_field` is a string; empty strings are no document and no error.
+    Blank lines are ignored.
+    """
+    docs: list[str] = []
+    bad: list[tuple[int, str]] = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append((line_number, f'not JSON: {e.msg}'))
+            continue
+        if not isinstance(record, dict) or text_field not in record:
+            bad.append((line_number, f'no "{text_field}" field'))
+        elif not isinstance(record[text_field], str):
+            bad.append((line_number, f'"{text_field}" is not a string'))
+        elif record[text_field]:
+            docs.append(record[text_field])
+    return docs, bad
+
+
 def iter_documents(source: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
     """Yield the documents of one domain: each line of a .jsonl file, or each other file as a whole.
 
-    Files are visited in sorted order so the result is deterministic. Unreadable, binary or malformed files are
-    skipped and counted in `stats`.
+    Files are visited in sorted order so the result is deterministic. Unreadable, binary or non-UTF-8 files, and
+    JSON lines files with no usable line, are skipped and counted in `stats`; in a JSON lines file with some usable
+    lines, each unusable line is skipped and counted (`stats.lines_skipped`, with file and line number). A UTF-8
+    byte-order mark is ignored.
     """
     files = [source] if source.is_file() else sorted(p for p in source.rglob('*') if p.is_file())
     for path in files:
@@ -82,16 +126,14 @@ def iter_documents(source: Path, text_field: str, stats: SourceStats) -> Iterato
         if text is None:
             continue
         if path.suffix in JSONL_SUFFIXES:
-            docs = []
-            try:
-                for line in text.splitlines():
-                    if line.strip():
-                        docs.append(json.loads(line)[text_field])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                stats.skip(path, f'not JSON lines with a "{text_field}" field')
+            docs, bad = parse_json_lines(text, text_field)
+            if bad and len(bad) == sum(1 for line in text.splitlines() if line.strip()):
+                stats.skip(path, f'not JSON lines with a "{text_field}" field: line {bad[0][0]}: {bad[0][1]}')
                 continue
+            for line_number, why in bad:
+                stats.skip_line(path, line_number, why)
             stats.files_read += 1
-            yield from (d for d in docs if isinstance(d, str) and d)
+            yield from docs
         else:
             stats.files_read += 1
             if text:
@@ -195,11 +237,14 @@ def prepare(
             if stats.files_skipped:
                 log.warning('domain "%s": skipped %d unreadable/binary/malformed files, e.g. %s',
                             name, stats.files_skipped, stats.skipped_examples)
+            if stats.lines_skipped:
+                log.warning('domain "%s": skipped %d unusable lines of JSON lines files (their other lines are read), '
+                            'e.g. %s', name, stats.lines_skipped, stats.skipped_line_examples)
             if len(docs) < 2:
                 raise PrepareError(f'domain "{name}": source {sources[name]} has {len(docs)} usable documents; '
                                    'need at least 2 (one for train, one for val)')
             entry: dict = {'source': str(sources[name]), 'files_read': stats.files_read,
-                           'files_skipped': stats.files_skipped}
+                           'files_skipped': stats.files_skipped, 'lines_skipped': stats.lines_skipped}
             for split, split_docs in zip(('train', 'val'), split_documents(docs, val_fraction, seed)):
                 ids = _tokenize(tokenizer, split_docs, f'{name}/{split}')
                 rows = pack_tokens(ids, tokenizer.eos_token_id, max_seq_len)
@@ -249,5 +294,5 @@ def format_manifest(manifest: dict) -> str:
     for name, d in manifest['domains'].items():
         lines.append(f"{name:>12}: train {d['train']['documents']:>6} docs {d['train']['tokens']:>10} tokens | "
                      f"val {d['val']['documents']:>5} docs {d['val']['tokens']:>9} tokens | "
-                     f"skipped files {d['files_skipped']}")
+                     f"skipped files {d['files_skipped']}, lines {d.get('lines_skipped', 0)}")
     return '\n'.join(lines)
