@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO
 from drpruning_composer.data.instruct import (ResponseCollator, pack_examples, prepare_instruct, read_examples,
-                                              tokenize_segments)
+                                              segments_of, tokenize_segments)
 from drpruning_composer.data.mixture import DynamicMixtureSampler, build_dynamic_mixture_dataloader
 from drpruning_composer.data.prepare import PrepareError
 from drpruning_composer.data.cli import main as prepare_main
@@ -86,6 +86,29 @@ def test_chat_template_responses_are_what_the_template_adds(tiny_demo, tmp_path)
     assert sorted(tok.decode(t[m.astype(bool)]) for t, m in rows) == sorted(
         f'item {i}\nitem {2 * i} twice\n' for i in range(4))
     assert all(tok.decode(t).startswith('<system>be brief\n<user>name') for t, _ in rows)
+
+
+def test_special_token_strings_written_by_users_stay_text(tiny_demo, tmp_path):
+    """A prompt, response or message quoting a special token's string keeps it as text; the EOS ending a response and
+    the special tokens of the chat template's markup are special; without such strings nothing changes."""
+    tok = _tokenizer(tiny_demo)
+    eos, pad = tok.eos_token, tok.pad_token
+    ids, mask = tokenize_segments(segments_of({'prompt': f'why {eos} here?', 'response': f' because {pad} {eos}'},
+                                              'x:1', tok), tok)
+    assert ids.tolist().count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id and mask[-1] == 1
+    assert tok.pad_token_id not in ids.tolist()
+
+    tok.chat_template = ('{% for m in messages %}' + pad + '{{ m.role }}\n{{ m.content }}' + eos + '\n{% endfor %}'
+                         '{% if add_generation_prompt %}' + pad + 'assistant\n{% endif %}')
+    messages = [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': f'is {eos} the end?'},
+                {'role': 'assistant', 'content': f'no, {pad} and {eos} are text here'}]
+    ids, mask = tokenize_segments(segments_of({'messages': messages}, 'x:1', tok), tok)
+    assert ids.tolist().count(tok.eos_token_id) == 3 and ids.tolist().count(tok.pad_token_id) == 3
+    assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode(ids[mask.astype(bool)]) == f'no, {pad} and {eos} are text here{eos}\n'
+    plain = [dict(m, content=m['content'].replace(eos, 'x').replace(pad, 'y')) for m in messages]
+    ids, _ = tokenize_segments(segments_of({'messages': plain}, 'x:1', tok), tok)
+    assert ids.tolist() == tok(tok.apply_chat_template(plain, tokenize=False), add_special_tokens=False)['input_ids']
 
 
 def test_prepare_is_deterministic_and_val_is_held_out_by_example(prepared, tiny_demo, tmp_path):

@@ -149,6 +149,29 @@ def test_byte_order_mark_and_bad_lines_do_not_lose_a_file(tiny_demo, tmp_path, c
     assert '\ufeff' not in text
 
 
+def test_special_token_strings_in_documents_stay_text(tiny_demo, tmp_path):
+    """A document quoting the EOS string keeps it as text: the packed rows hold exactly one EOS per document (the one
+    preparation adds), not a false document boundary in the middle."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_demo / 'tokenizer'))
+    docs = [f'doc {i}: the end marker is {tok.eos_token} in the middle, and {tok.pad_token} too ' + 'alpha ' * i
+            for i in range(16)]
+    src = _write_domain(tmp_path / 'in', 'quotes', docs)
+    out = tmp_path / 'out'
+    manifest = prepare({'quotes': src, 'copy': src}, tiny_demo / 'tokenizer', out, max_seq_len=16, val_fraction=0.25)
+    for split in ('train', 'val'):
+        rows = _all_rows(out, 'quotes', split)
+        n_docs = manifest['domains']['quotes'][split]['documents']
+        stream_tokens = sum(len(t) + 1 for t in tok([d for d in docs], add_special_tokens=False,
+                                                    split_special_tokens=True)['input_ids']) // 16 * 16
+        assert rows.size <= stream_tokens
+        # The incomplete tail dropped by packing may hold the last document's EOS.
+        assert n_docs - 1 <= int((rows == tok.eos_token_id).sum()) <= n_docs
+        assert not (rows == tok.pad_token_id).any()
+        assert tok.eos_token in tok.decode(rows.reshape(-1).tolist())
+
+
 def test_cli_reports_bad_input_without_traceback(tiny_demo, tmp_path, capsys):
     assert main(['--domain', 'x', '--tokenizer', str(tiny_demo / 'tokenizer'), '--out', str(tmp_path / 'o')]) == 2
     assert "--domain 'x': expected NAME=PATH" in capsys.readouterr().err

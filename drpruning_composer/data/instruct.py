@@ -9,6 +9,8 @@ Every assistant message is a response (in the loss); everything else is prompt. 
 tokenizer's chat template when it has one (each response is what the template adds for that assistant turn), else
 as plain `role: content` lines. Prompt and response segments are tokenized separately and concatenated, so the mask
 boundary is exact; an EOS ends each plain-rendered response (a chat template brings its own end-of-turn tokens).
+What users wrote is tokenized with special-token parsing off: a prompt, response or message quoting ``<|im_end|>``
+keeps it as text, while the EOS and the special tokens of the chat template's own markup stay special.
 
 Output layout (read by `dynamic_mixture` for training and by the `instruct` loader for evaluation)::
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 'instruct'
 OVERLONG = ('truncate', 'reject')
-Segments = list[tuple[str, bool]]  # (text, in the loss)
+Segments = list[tuple[str, bool, bool]]  # (text, in the loss, literal: special-token strings are text)
 Example = tuple[np.ndarray, np.ndarray]  # (int32 token ids, uint8 loss mask)
 
 
@@ -68,15 +71,24 @@ def _plain(messages: list[dict], eos: str) -> Segments:
     segments: Segments = []
     for m in messages:
         if m['role'] == 'assistant':
-            segments += [('assistant: ', False), (m['content'] + eos, True)]
+            segments += [('assistant: ', False, True), (m['content'], True, True), (eos, True, False)]
         else:
-            segments.append((f"{m['role']}: {m['content']}\n", False))
+            segments.append((f"{m['role']}: {m['content']}\n", False, True))
     return segments
 
 
-def _templated(messages: list[dict], tokenizer: Any, where: str) -> Segments:
-    """Each assistant turn's response is the text the template adds between the generation prompt and the turn."""
-    segments: Segments = []
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """The strings of the tokenizer's special tokens (EOS, chat markers, ...), longest first."""
+    strings = set(getattr(tokenizer, 'all_special_tokens', []) or [])
+    strings |= {str(t) for t in (getattr(tokenizer, 'added_tokens_decoder', None) or {}).values()
+                if getattr(t, 'special', False)}
+    return sorted((s for s in strings if s), key=lambda s: (-len(s), s))
+
+
+def _turns(messages: list[dict], tokenizer: Any, where: str) -> list[tuple[str, bool]]:
+    """(text, in the loss) pieces of a conversation rendered by the chat template: each assistant turn's response is
+    the text the template adds between the generation prompt and the turn."""
+    pieces: list[tuple[str, bool]] = []
     done = ''
     for i, m in enumerate(messages):
         if m['role'] != 'assistant':
@@ -86,18 +98,71 @@ def _templated(messages: list[dict], tokenizer: Any, where: str) -> Segments:
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise PrepareError(f'{where}: the chat template does not render this conversation as a growing prefix, '
                                'so its responses cannot be masked')
-        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
+    return pieces
+
+
+def split_at_specials(pieces: Sequence[tuple[str, bool]], specials: Sequence[str],
+                      contents: dict[str, str] | None = None) -> Segments:
+    """Segments of rendered template text: each special-token string in it is a special token, the text between is
+    literal. `contents` maps placeholders in the text to message contents, filled in after the split so that a
+    special-token string inside a message stays text."""
+    pattern = re.compile('(' + '|'.join(re.escape(s) for s in specials) + ')') if specials else None
+    segments: Segments = []
+    for text, in_loss in pieces:
+        parts = pattern.split(text) if pattern else [text]
+        for k, part in enumerate(parts):
+            if k % 2:
+                segments.append((part, in_loss, False))
+                continue
+            for mark, content in (contents or {}).items():
+                part = part.replace(mark, content)
+            if part:
+                segments.append((part, in_loss, True))
     return segments
 
 
+def _templated(messages: list[dict], tokenizer: Any, where: str) -> Segments:
+    """Segments of a conversation rendered by the chat template: the template's special tokens are special, every
+    message's content is literal text (special-token strings in it stay text).
+
+    The contents are replaced by placeholders for rendering, so that the template's own special tokens can be told
+    from strings the user wrote; if the template changes contents (the placeholders do not give back the real
+    rendering), a conversation without special-token strings is split at the specials of its real rendering, and one
+    with them is a PrepareError.
+    """
+    specials = special_token_strings(tokenizer)
+    real = _turns(messages, tokenizer, where)
+    real_text = ''.join(text for text, _ in real)
+    contents = {f'\ue000{i}\ue001': m['content'] for i, m in enumerate(messages)}
+    if not any('\ue000' in m['content'] for m in messages):
+        try:
+            masked = _turns([dict(m, content=mark) for m, mark in zip(messages, contents)], tokenizer, where)
+        except Exception:  # the template inspects contents: fall back to the real rendering
+            masked = None
+        if masked is not None:
+            segments = split_at_specials(masked, specials, contents)
+            if ''.join(text for text, _, _ in segments) == real_text:
+                return segments
+    quoted = sorted({s for m in messages for s in specials if s in m['content']})
+    if quoted:
+        raise PrepareError(f'{where}: a message contains the special token string(s) {quoted}, and the chat template '
+                           'changes message contents, so they cannot be kept as text')
+    return split_at_specials(real, specials)
+
+
 def segments_of(record: Any, where: str, tokenizer: Any) -> Segments:
-    """A record as (text, in the loss) segments; raises PrepareError naming `where` for a malformed record."""
+    """A record as (text, in the loss, literal) segments; raises PrepareError naming `where` for a malformed record.
+
+    Everything the user wrote is literal (special-token parsing off); the EOS ending a response and the special
+    tokens a chat template adds are special.
+    """
     eos = tokenizer.eos_token
     if isinstance(record, dict) and isinstance(record.get('prompt'), str) and isinstance(record.get('response'), str):
         if not record['response']:
             raise PrepareError(f'{where}: empty "response"')
-        return [(record['prompt'], False), (record['response'] + eos, True)]
+        return [(record['prompt'], False, True), (record['response'], True, True), (eos, True, False)]
     messages = record.get('messages') if isinstance(record, dict) else None
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str)
@@ -112,11 +177,12 @@ def segments_of(record: Any, where: str, tokenizer: Any) -> Segments:
 
 
 def tokenize_segments(segments: Segments, tokenizer: Any) -> Example:
-    """Token ids and loss mask of concatenated, separately tokenized segments."""
+    """Token ids and loss mask of concatenated, separately tokenized segments (literal ones with special-token
+    parsing off)."""
     ids: list[int] = []
     mask: list[int] = []
-    for text, in_loss in segments:
-        piece = tokenizer(text, add_special_tokens=False)['input_ids'] if text else []
+    for text, in_loss, literal in segments:
+        piece = tokenizer(text, add_special_tokens=False, split_special_tokens=literal)['input_ids'] if text else []
         ids += piece
         mask += [int(in_loss)] * len(piece)
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)

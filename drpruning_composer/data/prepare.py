@@ -7,7 +7,8 @@ Output layout (what the `text` and `dynamic_mixture` loaders read)::
     OUT/manifest.json     documents, tokens and samples per domain and split
 
 Documents are split between train and val *by document* (seeded shuffle), joined with EOS and cut into
-`max_seq_len` samples; the tail that does not fill a sample is dropped. Everything is written into a temporary
+`max_seq_len` samples; the tail that does not fill a sample is dropped. Documents are tokenized with special-token
+parsing off, so a document quoting a special token's string (``<|endoftext|>``) keeps it as text. Everything is written into a temporary
 folder beside OUT and renamed at the end, so a failure never leaves a half-written OUT.
 
 CLI (:mod:`drpruning_composer.data.cli`): ``drpruning-prepare --input ROOT --tokenizer TOK --out OUT`` (each
@@ -24,7 +25,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -176,13 +177,22 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def _tokenize(tokenizer, docs: Sequence[str], desc: str) -> list[list[int]]:
+def encode_text(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of raw texts, with special-token parsing off: a document that quotes a special token's string
+    (e.g. ``<|endoftext|>``) keeps it as text, so the only EOS in prepared data are the ones preparation adds.
+
+    `tokenizer`: a Hugging Face tokenizer (fast or slow); no BOS/EOS is added.
+    """
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False)['input_ids']
+
+
+def _tokenize(tokenizer: Any, docs: Sequence[str], desc: str) -> list[list[int]]:
     from tqdm.auto import tqdm
 
     out: list[list[int]] = []
     batch = 256
     for i in tqdm(range(0, len(docs), batch), desc=desc, unit='batch', leave=False, disable=None):
-        out.extend(tokenizer(list(docs[i:i + batch]), add_special_tokens=False, verbose=False)['input_ids'])
+        out.extend(encode_text(tokenizer, docs[i:i + batch]))
     return out
 
 
