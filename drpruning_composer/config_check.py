@@ -216,6 +216,167 @@ def check_resume(cfg: DictConfig, allow_no_autoresume: bool = False) -> str | No
                       '--allow-no-autoresume to run anyway')
 
 
+# YAML key -> 'module:class' of this project's components whose options the pre-flight check validates by
+# constructing them (without a model): every option error then names its key before anything loads.
+_OPTION_COMPONENTS = {
+    'callbacks.dro_reweight': 'drpruning_composer.dro.callback:DROReweightCallback',
+    'algorithms.l0_mask': 'drpruning_composer.pruning.algorithm:L0MaskAlgorithm',
+    'algorithms.distill': 'drpruning_composer.distill.algorithm:DistillationAlgorithm',
+}
+
+
+def _option_key(key: str, options: Sequence[str], message: str, default: str | None = None) -> str:
+    """`key.option` for the option a component's error message names first (`key.default`, or `key`, if none)."""
+    import re
+
+    found = [(m.start(), name) for name in options if (m := re.search(rf'(?<![\w.]){re.escape(name)}\b|'
+                                                                       rf'\.{re.escape(name)}\b', message))]
+    name = min(found)[1] if found else default
+    return f'{key}.{name}' if name else key
+
+
+def build_component(key: str, options: Any) -> Any:
+    """Construct the component at YAML `key` (e.g. `callbacks.dro_reweight`) from its options, as llm-foundry will
+    after the model loads; raise ConfigError naming `key.option` for an unknown, missing or invalid option."""
+    import inspect
+
+    from drpruning_composer.registry import _load
+
+    cls = _load(_OPTION_COMPONENTS[key])
+    kwargs = om.to_container(options, resolve=True) if isinstance(options, DictConfig) else dict(options or {})
+    params = inspect.signature(cls.__init__).parameters
+    names = [n for n in params if n != 'self']
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise ConfigError(f'{key}.{unknown[0]}: no such option (options: {", ".join(names)})')
+    missing = [n for n in names if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise ConfigError(f'{key}.{missing[0]}: required')
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f'{_option_key(key, names, str(e))}: {e}') from e
+
+
+def _source_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """The source model's config.json (with `model.config_overrides`), if the model is a local folder."""
+    model = cfg.get('model') or {}
+    path = model.get('pretrained_model_name_or_path')
+    config = Path(str(path)).expanduser() / 'config.json' if path is not None else None
+    if config is None or not config.is_file():
+        return None
+    with open(config) as f:
+        fields = json.load(f)
+    overrides = model.get('config_overrides')
+    if overrides:
+        fields.update(om.to_container(overrides, resolve=True) if isinstance(overrides, DictConfig) else overrides)
+    return fields
+
+
+def check_component_options(cfg: DictConfig) -> None:
+    """Construct `dro_reweight`, `l0_mask` and `distill` from their options, as llm-foundry does after the model
+    loads, and check a named `distill` teacher's vocabulary against the source model's config.
+
+    (`l0_mask`'s target is not checked against the source shape here: the demo recipe's tests run it on a smaller
+    fixture source with the target given by overrides after this check.)"""
+    source = None
+    for key in _OPTION_COMPONENTS:
+        group, name = key.split('.')
+        section = cfg.get(group) or {}
+        if name not in section:
+            continue
+        component = build_component(key, section[name])
+        source = source if source is not None else (_source_config(cfg) or {})
+        if name == 'distill' and source and component.teacher_path is not None:
+            with open(os.path.join(component.teacher_path, 'config.json')) as f:
+                teacher_vocab = json.load(f).get('vocab_size')
+            if teacher_vocab != source.get('vocab_size'):
+                raise ConfigError(f'{key}.teacher: {component.teacher_path} has a vocabulary of {teacher_vocab}, the '
+                                  f'student {source.get("vocab_size")}; the teacher needs the same vocabulary')
+
+
+def _parse_time(key: str, value: Any) -> Any:
+    """A Composer Time from a YAML value (an integer is epochs, as Composer reads it); ConfigError naming `key`."""
+    from composer.core import Time, TimeUnit
+
+    if isinstance(value, bool):
+        raise ConfigError(f'{key}: expected a time such as 100ba, got {value!r}')
+    if isinstance(value, int):
+        return Time(value, TimeUnit.EPOCH)
+    try:
+        return Time.from_timestring(str(value))
+    except ValueError as e:
+        raise ConfigError(f'{key}: {value!r} is not a Composer time string (e.g. 100ba, 10000sp, 1000000tok, '
+                          f'0.5dur): {e}') from e
+
+
+def endless_train_loader(cfg: DictConfig) -> bool:
+    """Whether the train loader has no length, so that no epoch ever ends: `dynamic_mixture` (an infinite stream)
+    unless `train_subset_num_batches` gives its epochs a length."""
+    subset = cfg.get('train_subset_num_batches')
+    has_subset = subset is not None and not isinstance(subset, bool) and int(subset) > 0
+    return (cfg.get('train_loader') or {}).get('name') == 'dynamic_mixture' and not has_subset
+
+
+def check_durations(cfg: DictConfig) -> None:
+    """Every time string of the run that can only fail (or never fire) later, checked against max_duration and the
+    train loader: in epochs with an endless loader (`dynamic_mixture`), `max_duration` fails after the model loads
+    (Composer: 'Cannot convert time, as state.dataloader_len is None') and an eval, save, warm-up or scheduler
+    interval never comes; `l0_mask`'s lagrangian_warmup and hard_finish are checked as at FIT_START."""
+    from composer.core import TimeUnit
+
+    endless = endless_train_loader(cfg)
+    fix = ('dynamic_mixture is an endless stream with no epoch length, so no epoch ever ends: give it in ba, sp or '
+           'tok (e.g. 1000ba)')
+    max_duration = None
+    if cfg.get('max_duration') is not None:
+        max_duration = _parse_time('max_duration', cfg.max_duration)
+        if max_duration.unit == TimeUnit.DURATION:
+            raise ConfigError(f'max_duration: {cfg.max_duration!r} is a fraction of itself; give it in ba, sp or tok')
+        if endless and max_duration.unit == TimeUnit.EPOCH:
+            raise ConfigError(f'max_duration: {cfg.max_duration!r} is in epochs, but train_loader {fix}')
+    intervals = [('save_interval', cfg.get('save_interval'))]
+    if list(_eval_loaders(cfg)) or cfg.get('icl_tasks'):
+        # llm-foundry's default eval_interval is 1, i.e. one epoch: with an endless loader the run would never
+        # evaluate (and dro_reweight never reweight) before its end.
+        intervals.append(('eval_interval', cfg.get('eval_interval', 1)))
+    scheduler = cfg.get('scheduler') or {}
+    intervals += [(f'scheduler.{k}', scheduler[k]) for k in ('t_warmup', 't_max', 't_cooldown') if k in scheduler]
+    for key, value in intervals:
+        if value is None or (key == 'save_interval' and cfg.get('save_folder') is None):
+            continue
+        if endless and _parse_time(key, value).unit == TimeUnit.EPOCH:
+            shown = f'{value!r}' + (' (llm-foundry\'s default: 1 epoch)' if key not in cfg and '.' not in key else '')
+            raise ConfigError(f'{key}: {shown} is in epochs, but train_loader {fix}')
+    l0_mask = (cfg.get('algorithms') or {}).get('l0_mask')
+    if l0_mask is not None:
+        algorithm = build_component('algorithms.l0_mask', l0_mask)
+        try:
+            algorithm.check_schedule(max_duration, endless_loader=endless)
+        except ValueError as e:
+            option = 'lagrangian_warmup' if 'lagrangian_warmup' in str(e) else 'hard_finish'
+            raise ConfigError(f'algorithms.l0_mask.{option}: {e}') from e
+
+
+def check_dro_proportions(cfg: DictConfig) -> None:
+    """A domain that starts at proportion 0 must be able to gain weight under dro_reweight's update rule."""
+    from drpruning_composer.dro.callback import check_no_zero_proportion
+
+    dro = (cfg.get('callbacks') or {}).get('dro_reweight')
+    proportions = ((cfg.get('train_loader') or {}).get('dataset') or {}).get('proportions')
+    if dro is None or not isinstance(proportions, ListConfig):
+        return
+    update = str(dro.get('update', 'dro'))
+    if update == 'dro' and isinstance(dro.get('reference_ratio'), ListConfig):
+        return  # `dro` reads the fixed reference_ratio (checked with the callback's options), not the proportions
+    domains = list(((cfg.get('train_loader') or {}).get('dataset') or {}).get('domains') or [])
+    try:
+        check_no_zero_proportion(domains, list(proportions), 'train_loader.dataset.proportions', update,
+                                 float(dro.get('sheared_smoothing', 1e-4)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first problem found in a resolved training config."""
     check_components(cfg)
@@ -223,6 +384,9 @@ def check_config(cfg: DictConfig) -> None:
     check_data(cfg)
     check_icl_tasks(cfg)
     check_dro(cfg)
+    check_component_options(cfg)
+    check_durations(cfg)
+    check_dro_proportions(cfg)
 
 
 def load_and_check(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -172,6 +172,13 @@ def _bad_callback_cases():
         (dict(excess_smoothing=1.0), 'excess_smoothing'),
         (dict(excess='ratio'), 'excess'),
         (dict(ema_decay=1.0), 'ema_decay'),
+        # every option error names its option (issue 20, item 11: the pre-flight check reports these by key)
+        (dict(min_fit_points=3), r'^`min_fit_points` must be an integer >= 4'),
+        (dict(history_folder='{run}/dro'), r'^`history_folder` may hold only the placeholder \{run_name\}'),
+        (dict(final_num_params=-5), r'^`final_num_params` must be a positive'),
+        # a domain with reference ratio 0 could never gain weight under `dro` (issue 20, item 5)
+        (dict(reference_ratio=[0.5, 0.5, 0.0]), r"^callbacks.dro_reweight.reference_ratio: \['repeat'\] start at "
+                                                r'proportion 0, .* can never gain weight'),
     ]
 
 
@@ -259,6 +266,38 @@ def test_mismatch_with_loaders_raises_at_fit_start(fake_state, change, message):
         state.evaluators = [_FakeEvaluator(f'eval/{d}') for d in change['evaluators']]
     callback = DROReweightCallback(domains=change.get('domains', DOMAINS), reference_loss=[1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match=message):
+        callback.run_event(Event.FIT_START, state, Logger(state, []))
+
+
+@pytest.mark.parametrize('update, options, refused', [
+    ('dro', {}, True),
+    ('sheared', {'sheared_smoothing': 0.0}, True),
+    ('sheared', {}, False),  # the uniform smoothing gives every domain weight
+    ('constant', {}, False),  # weights never move: a domain at 0 is only evaluated
+    ('dro', {'reference_ratio': [0.4, 0.3, 0.3]}, False),  # `dro` reads the fixed ratio, which is positive
+])
+def test_domain_at_proportion_zero_is_refused_where_it_could_never_gain_weight(fake_state, update, options, refused):
+    """Issue 20, item 5: `proportions: [.., 0.0]` with DRO left that domain at weight 0 for the whole run, whatever
+    its excess loss; the callback refuses it at FIT_START (and the pre-flight check before the model loads)."""
+    from types import SimpleNamespace
+
+    from composer.core import Event
+    from composer.loggers import Logger
+
+    from drpruning_composer.data.mixture import DynamicMixtureDataset
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    import torch
+
+    state = SimpleNamespace(**vars(fake_state))
+    state.train_dataloader = torch.utils.data.DataLoader(
+        DynamicMixtureDataset(DOMAINS, [range(5)] * 3, [0.6, 0.4, 0.0], max_seq_len=4, seed=0))
+    callback = DROReweightCallback(domains=DOMAINS, update=update, reference_loss=[1.0, 1.0, 1.0], **options)
+    if refused:
+        with pytest.raises(ValueError, match=r"^train_loader.dataset.proportions: \['repeat'\] start at proportion 0"
+                                             r'.* small positive proportion.* drop it from the domains'):
+            callback.run_event(Event.FIT_START, state, Logger(state, []))
+    else:
         callback.run_event(Event.FIT_START, state, Logger(state, []))
 
 

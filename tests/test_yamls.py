@@ -1,6 +1,7 @@
 """Every shipped YAML loads, resolves, names only registered components and known keys, and its pruning target
 is valid for its source model; every MCLI launch file passes MCLI's offline validation. Nothing is run."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,106 @@ def test_demo_yaml_documents_a_distillation_override_that_passes_preflight(tiny_
     assert (distill.teacher_path or cfg.model.pretrained_model_name_or_path) == str(
         demo / 'runs/source/huggingface/model')
     DROReweightCallback(**om.to_container(cfg.callbacks.dro_reweight))
+
+
+PRUNE = str(REPO / 'yamls' / 'demo' / 'prune.yaml')
+
+
+def _prune_base(demo: Path) -> list[str]:
+    return [f'variables.demo={demo}', f'variables.source_model={demo}/tiny_llama']
+
+
+@pytest.mark.parametrize('override, key', [
+    ('callbacks.dro_reweight.min_fit_points=3', 'callbacks.dro_reweight.min_fit_points'),
+    ('callbacks.dro_reweight.rho=-1', 'callbacks.dro_reweight.rho'),
+    ("callbacks.dro_reweight.history_folder='out/{run}/dro'", 'callbacks.dro_reweight.history_folder'),
+    ('callbacks.dro_reweight.reference_ratio=[0.5,0.5]', 'callbacks.dro_reweight.reference_ratio'),
+    ('callbacks.dro_reweight.rho_max=1', 'callbacks.dro_reweight.rho_max'),
+    ('algorithms.l0_mask.eval_mode=hard', 'algorithms.l0_mask.eval_mode'),
+    ('algorithms.l0_mask.masks=[layer,wings]', 'algorithms.l0_mask.masks'),
+    ('algorithms.l0_mask.target.hidden_dim=8', 'algorithms.l0_mask.target'),
+    ('algorithms.l0_mask.hard_finish=2ep', 'algorithms.l0_mask.hard_finish'),
+    ('algorithms.distill.alpha=2', 'algorithms.distill.alpha'),
+    ('algorithms.distill.teacher_dtype=int8', 'algorithms.distill.teacher_dtype'),
+    ('algorithms.distill.teacher=/nonexistent/teacher', 'algorithms.distill.teacher'),
+])
+def test_component_option_errors_fail_before_training(tiny_demo, override, key):
+    """Issue 20, item 11: the pre-flight check constructs dro_reweight, l0_mask and distill from their options
+    (without a model), so an option error names its key before the model loads."""
+    from drpruning_composer.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match=rf'^{re.escape(key)}: '):
+        load_and_check(PRUNE, [*_prune_base(tiny_demo), override])
+
+
+def test_distill_teacher_with_another_vocabulary_fails_before_training(tiny_demo, tmp_path):
+    from transformers import AutoConfig
+
+    from drpruning_composer.config_check import ConfigError
+
+    config = AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')
+    config.vocab_size += 1
+    config.save_pretrained(tmp_path / 'teacher')
+    with pytest.raises(ConfigError, match=r'^algorithms.distill.teacher: .* vocabulary of 513, the student 512'):
+        load_and_check(PRUNE, [*_prune_base(tiny_demo), f'algorithms.distill.teacher={tmp_path}/teacher'])
+
+
+@pytest.mark.parametrize('overrides, key, message', [
+    # dynamic_mixture has no length: anything in epochs fails after the model loads, or never comes
+    (['max_duration=2ep'], 'max_duration', 'is in epochs, but train_loader dynamic_mixture is an endless stream'),
+    (['max_duration=2'], 'max_duration', 'is in epochs'),  # an integer is epochs, as Composer reads it
+    (['eval_interval=1ep'], 'eval_interval', 'is in epochs'),
+    (['save_interval=1ep'], 'save_interval', 'is in epochs'),
+    (['scheduler.t_warmup=1ep'], 'scheduler.t_warmup', 'is in epochs'),
+    (['algorithms.l0_mask.lagrangian_warmup=1ep'], 'algorithms.l0_mask.lagrangian_warmup', 'never warm up'),
+    # l0_mask's schedule against max_duration, as checked at FIT_START
+    (['algorithms.l0_mask.hard_finish=400ba'], 'algorithms.l0_mask.hard_finish', 'longer than max_duration'),
+    (['algorithms.l0_mask.hard_finish=2000sp'], 'algorithms.l0_mask.hard_finish', 'in the unit of max_duration'),
+    (['max_duration=2ep', 'train_subset_num_batches=10'], 'algorithms.l0_mask.hard_finish',
+     'needs max_duration in ba, sp or tok'),
+    (['max_duration=300bx'], 'max_duration', 'not a Composer time string'),
+    (['max_duration=0.5dur'], 'max_duration', 'fraction of itself'),
+])
+def test_time_options_that_fail_later_fail_before_training(tiny_demo, overrides, key, message):
+    """Issue 20, item 9: `max_duration` in epochs with dynamic_mixture passed the pre-flight check and failed after
+    the model loaded ('Cannot convert time, as state.dataloader_len is None'); so did every other time option."""
+    from drpruning_composer.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match=rf'^{re.escape(key)}: .*{message}'):
+        load_and_check(PRUNE, [*_prune_base(tiny_demo), *overrides])
+
+
+def test_time_options_in_epochs_pass_where_epochs_have_a_length(tiny_demo):
+    from drpruning_composer.config_check import ConfigError, check_config
+
+    # train_subset_num_batches gives dynamic_mixture's epochs a length
+    load_and_check(PRUNE, [*_prune_base(tiny_demo), 'max_duration=2ep', 'train_subset_num_batches=10',
+                           'eval_interval=1ep', 'algorithms.l0_mask.hard_finish=0ba'])
+    cfg = load_and_check(PRUNE, _prune_base(tiny_demo))
+    del cfg['eval_interval']  # llm-foundry's default, 1 (epoch), would never evaluate: DRO would never reweight
+    with pytest.raises(ConfigError, match=r"^eval_interval: 1 \(llm-foundry's default: 1 epoch\) is in epochs"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize('overrides, refused', [
+    ([], True),
+    (['callbacks.dro_reweight.update=sheared', 'callbacks.dro_reweight.sheared_smoothing=0'], True),
+    (['callbacks.dro_reweight.update=sheared'], False),  # its uniform smoothing gives every domain weight
+    (['callbacks.dro_reweight.update=constant'], False),  # the domain is only evaluated
+    (['callbacks.dro_reweight.reference_ratio=[0.4,0.2,0.2,0.2]'], False),  # `dro` reads this positive ratio
+])
+def test_domain_at_proportion_zero_fails_before_training(tiny_demo, overrides, refused):
+    """Issue 20, item 5: with DRO a domain at proportion 0 could never gain weight; refused before the model loads,
+    with the reason and what to do."""
+    from drpruning_composer.config_check import ConfigError
+
+    args = [*_prune_base(tiny_demo), 'train_loader.dataset.proportions=[0.5,0.3,0.2,0.0]', *overrides]
+    if refused:
+        with pytest.raises(ConfigError, match=r"^train_loader.dataset.proportions: \['records'\] start at proportion "
+                                             r'0, .*can never gain weight.* small positive proportion'):
+            load_and_check(PRUNE, args)
+    else:
+        load_and_check(PRUNE, args)
 
 
 @pytest.mark.parametrize('path', sorted((REPO / 'launch').glob('*.yaml')), ids=lambda p: p.name)

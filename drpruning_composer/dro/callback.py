@@ -59,6 +59,34 @@ def check_domains(domains: Sequence[str], mixture_domains: Sequence[str], eval_l
                          f'`label: <domain>` for each (found labels {sorted(eval_labels)})')
 
 
+def zero_weight_is_final(update: str, sheared_smoothing: float) -> bool:
+    """Whether a domain whose weight (for `dro`: reference ratio) is 0 keeps weight 0 under this update rule.
+
+    `dro` moves within a chi-square ball around the reference ratio p: q_d = p_d * (q_d / p_d) is 0 where p_d is 0,
+    and the dynamic ratio's band [p0_d / band, band * p0_d] around a zero start is {0}. `sheared` multiplies the
+    weight by exp(lr * excess), which keeps 0 at 0 unless its uniform smoothing adds mass. `constant` never moves.
+    """
+    return update == 'dro' or (update == 'sheared' and sheared_smoothing <= 0)
+
+
+def check_no_zero_proportion(domains: Sequence[str], proportions: Sequence[float], key: str, update: str,
+                             sheared_smoothing: float = 1e-4) -> None:
+    """Refuse a domain at proportion 0 that the update rule could never give weight (see `zero_weight_is_final`).
+
+    Shared by the callback (at FIT_START, with the mixture's initial weights) and `train.py`'s pre-flight check.
+    """
+    if not zero_weight_is_final(update, sheared_smoothing):
+        return
+    zero = [d for d, p in zip(domains, proportions) if float(p) <= 0]
+    if zero:
+        raise ValueError(
+            f'{key}: {zero} start at proportion 0, and with update: {update} a domain at 0 can never gain weight '
+            '(DRO reweights within a band around each domain\'s starting ratio, and the band around 0 is empty), '
+            'however large its excess loss. Give it a small positive proportion (DRO can then raise it to a few '
+            'times that, README: "A domain at proportion 0"), or drop it from the domains (and from '
+            'callbacks.dro_reweight.domains and the eval loaders)')
+
+
 def _check_vector(values: Any, n: int, key: str) -> list[float]:
     if not isinstance(values, (list, tuple)) or len(values) != n:
         raise ValueError(f'`{key}` must be a list with one number per domain ({n}), got {values!r}')
@@ -176,6 +204,9 @@ class DROReweightCallback(Callback):
             self.static_ratio = normalize_proportions(
                 _check_vector(reference_ratio, n, 'reference_ratio'), n, key='reference_ratio',
             )
+            if update == 'dro':
+                check_no_zero_proportion(self.domains, self.static_ratio, 'callbacks.dro_reweight.reference_ratio',
+                                         update, sheared_smoothing)
         self.reference_kind = reference_loss if isinstance(reference_loss, str) else 'static'
         self.update = update
         self.rho = float(rho)
@@ -190,11 +221,21 @@ class DROReweightCallback(Callback):
         self.excess_smoothing = float(excess_smoothing)
         self.excess_kind = excess
         self.use_train_loss_ema = bool(use_train_loss_ema)
+        if final_num_params is not None and not (math.isfinite(float(final_num_params)) and final_num_params > 0):
+            raise ValueError(f'`final_num_params` must be a positive number of parameters, got {final_num_params!r}')
         self.final_num_params = None if final_num_params is None else float(final_num_params)
+        try:
+            history_folder.format(run_name='run')
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise ValueError(f'`history_folder` may hold only the placeholder {{run_name}}, got {history_folder!r} '
+                             f'({type(e).__name__}: {e})') from e
         self.history_folder = history_folder
         if plot_interval < 0:
             raise ValueError(f'`plot_interval` must be >= 0, got {plot_interval}')
         self.plot_interval = int(plot_interval)
+        if isinstance(min_fit_points, bool) or not isinstance(min_fit_points, int) or min_fit_points < 4:
+            raise ValueError(f'`min_fit_points` must be an integer >= 4 (the scaling law has 4 parameters), '
+                             f'got {min_fit_points!r}')
         self.reference = DomainReferenceLoss(n, min_points=min_fit_points)
         self.train_loss = DomainTrainLoss(n, float(ema_decay))
 
@@ -224,6 +265,9 @@ class DROReweightCallback(Callback):
         labels = [e.label[len('eval/'):] for e in state.evaluators if e.label.startswith('eval/')]
         check_domains(self.domains, mixture.domains, labels, self.use_train_loss_ema)
         if self.initial_ratio is None:
+            if self.static_ratio is None or self.update != 'dro':  # `dro` reads a fixed reference_ratio instead
+                check_no_zero_proportion(self.domains, mixture.weights, 'train_loader.dataset.proportions',
+                                         self.update, self.sheared_smoothing)
             self.initial_ratio = mixture.weights
             self.ratio = self.static_ratio.copy() if self.static_ratio is not None else mixture.weights
         if self.reference_kind == TEACHER and self.ref_loss is None:
