@@ -111,6 +111,57 @@ def test_special_token_strings_written_by_users_stay_text(tiny_demo, tmp_path):
     assert ids.tolist() == tok(tok.apply_chat_template(plain, tokenize=False), add_special_tokens=False)['input_ids']
 
 
+ALTERNATING = ("{% for m in messages %}{% if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+               "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def _two_user_turns(i):
+    return {'messages': [{'role': 'user', 'content': f'hi {i}'}, {'role': 'user', 'content': 'again'},
+                         {'role': 'assistant', 'content': f'ok {i}'}]}
+
+
+def _alternating(i):
+    return {'messages': [{'role': 'user', 'content': f'hi {i}'}, {'role': 'assistant', 'content': f'ok {i}'}]}
+
+
+def test_a_chat_template_that_raises_rejects_the_example_not_the_run(tiny_demo, tmp_path, caplog, capsys):
+    """A template that raises on a conversation (Llama-2/Mistral: two user turns in a row) leaves that example out,
+    counted and warned about with its file, line and the template's message; `--template-errors error`, or a task whose
+    every example fails, stops preparation naming file and line, without a traceback from the CLI."""
+    tok = _tokenizer(tiny_demo)
+    tok.chat_template = ALTERNATING
+    tok.save_pretrained(str(tmp_path / 'tok'))
+    (tmp_path / 'mixed').mkdir()
+    records = [_two_user_turns(i) if i in (2, 5) else _alternating(i) for i in range(10)]
+    (tmp_path / 'mixed' / 'part.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    with caplog.at_level('WARNING'):
+        manifest = prepare_instruct({'mixed': tmp_path / 'mixed'}, tmp_path / 'tok', tmp_path / 'out', max_seq_len=64,
+                                    val_fraction=0.2, seed=0)
+    entry = manifest['domains']['mixed']
+    assert sum(entry[s]['rejected'] for s in ('train', 'val')) == 2
+    assert sum(entry[s]['examples'] for s in ('train', 'val')) == 8
+    for line in (3, 6):
+        assert re.search(rf'part\.jsonl:{line}: the chat template rejects this conversation: Conversation roles must '
+                         'alternate', caplog.text)
+
+    tok_args = ['--instruct', '--tokenizer', str(tmp_path / 'tok'), '--max-seq-len', '64']
+    assert prepare_main(tok_args + ['--domain', f'mixed={tmp_path / "mixed"}', '--out', str(tmp_path / 'strict'),
+                                    '--template-errors', 'error']) == 2
+    err = capsys.readouterr().err
+    assert re.search(r'part\.jsonl:[36]: the chat template rejects this conversation: Conversation roles', err)
+    assert 'Traceback' not in err and not (tmp_path / 'strict').exists()
+
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'part.jsonl').write_text(''.join(json.dumps(_two_user_turns(i)) + '\n' for i in range(4)))
+    assert prepare_main(tok_args + ['--domain', f'bad={tmp_path / "bad"}', '--out', str(tmp_path / 'none')]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r'task "bad": all \d+ \w+ examples were rejected by the chat template, e.g. .*part\.jsonl:\d: '
+                     'the chat template rejects this conversation: Conversation roles must alternate', err)
+    assert not (tmp_path / 'none').exists()
+
+
 def test_prepare_is_deterministic_and_val_is_held_out_by_example(prepared, tiny_demo, tmp_path):
     again = tmp_path / 'again'
     prepare_instruct({t: prepared.parent / 'src' / t for t in TASKS}, tiny_demo / 'tokenizer', again,

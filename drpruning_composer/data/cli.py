@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help='instruction data: .jsonl with prompt/response or messages, one source per task')
     p.add_argument('--overlong', default='truncate', choices=['truncate', 'reject'],
                    help='--instruct: an example longer than --max-seq-len is cut (and counted) or an error')
+    p.add_argument('--template-errors', default='skip', choices=['skip', 'error'],
+                   help='--instruct: a conversation the chat template cannot render (it raises, e.g. two user turns '
+                        'in a row) is left out, counted and warned about with its file and line, or an error')
     p.add_argument('--pack', action='store_true', help='--instruct: pack consecutive train examples into rows')
     p.add_argument('--overwrite', action='store_true')
     args = p.parse_args(argv)
@@ -37,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources = parse_sources(args.input, args.domain)
         if args.instruct:
             manifest = prepare_instruct(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction,
-                                        args.seed, args.overlong, args.pack, args.compression, args.overwrite)
+                                        args.seed, args.overlong, args.pack, args.compression, args.overwrite,
+                                        template_errors=args.template_errors)
         else:
             manifest = prepare(sources, args.tokenizer, args.out, args.max_seq_len, args.val_fraction, args.seed,
                                args.text_field, args.compression, args.overwrite)

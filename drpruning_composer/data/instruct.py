@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 'instruct'
 OVERLONG = ('truncate', 'reject')
+TEMPLATE_ERRORS = ('skip', 'error')
 Segments = list[tuple[str, bool, bool]]  # (text, in the loss, literal: special-token strings are text)
 Example = tuple[np.ndarray, np.ndarray]  # (int32 token ids, uint8 loss mask)
 
@@ -65,6 +66,11 @@ def read_records(source: Path) -> Iterator[tuple[str, dict]]:
                 except json.JSONDecodeError as e:
                     raise PrepareError(f'{where}: not a JSON line ({e.msg})') from None
                 yield where, record
+
+
+class TemplateRejection(PrepareError):
+    """The chat template cannot render one conversation (it raised, or its turns do not form growing prefixes); the
+    message names the file and line, and gives the template's own message."""
 
 
 def _plain(messages: list[dict], eos: str) -> Segments:
@@ -96,8 +102,8 @@ def _turns(messages: list[dict], tokenizer: Any, where: str) -> list[tuple[str, 
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise PrepareError(f'{where}: the chat template does not render this conversation as a growing prefix, '
-                               'so its responses cannot be masked')
+            raise TemplateRejection(f'{where}: the chat template does not render this conversation as a growing '
+                                    'prefix, so its responses cannot be masked')
         pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
         done = full
     return pieces
@@ -130,10 +136,16 @@ def _templated(messages: list[dict], tokenizer: Any, where: str) -> Segments:
     The contents are replaced by placeholders for rendering, so that the template's own special tokens can be told
     from strings the user wrote; if the template changes contents (the placeholders do not give back the real
     rendering), a conversation without special-token strings is split at the specials of its real rendering, and one
-    with them is a PrepareError.
+    with them is a TemplateRejection. A template that raises (jinja2 TemplateError, e.g. Llama-2's "roles must
+    alternate") is a TemplateRejection naming `where` and the template's message.
     """
+    from jinja2.exceptions import TemplateError
+
     specials = special_token_strings(tokenizer)
-    real = _turns(messages, tokenizer, where)
+    try:
+        real = _turns(messages, tokenizer, where)
+    except TemplateError as e:
+        raise TemplateRejection(f'{where}: the chat template rejects this conversation: {e}') from None
     real_text = ''.join(text for text, _ in real)
     contents = {f'\ue000{i}\ue001': m['content'] for i, m in enumerate(messages)}
     if not any('\ue000' in m['content'] for m in messages):
@@ -147,13 +159,14 @@ def _templated(messages: list[dict], tokenizer: Any, where: str) -> Segments:
                 return segments
     quoted = sorted({s for m in messages for s in specials if s in m['content']})
     if quoted:
-        raise PrepareError(f'{where}: a message contains the special token string(s) {quoted}, and the chat template '
-                           'changes message contents, so they cannot be kept as text')
+        raise TemplateRejection(f'{where}: a message contains the special token string(s) {quoted}, and the chat '
+                                'template changes message contents, so they cannot be kept as text')
     return split_at_specials(real, specials)
 
 
 def segments_of(record: Any, where: str, tokenizer: Any) -> Segments:
-    """A record as (text, in the loss, literal) segments; raises PrepareError naming `where` for a malformed record.
+    """A record as (text, in the loss, literal) segments; raises PrepareError naming `where` for a malformed record,
+    TemplateRejection for a conversation the chat template cannot render.
 
     Everything the user wrote is literal (special-token parsing off); the EOS ending a response and the special
     tokens a chat template adds are special.
@@ -206,6 +219,33 @@ def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[Example
     return rows
 
 
+def render_examples(part: Sequence[tuple[str, Any]], tokenizer: Any, template_errors: str, task: str,
+                    split: str) -> tuple[list[Example], list[str], list[str]]:
+    """Tokenized examples of (where, record) pairs, with their `where`, and the messages of those the chat template
+    rejected (`template_errors='skip'`: each is logged as a warning, the first 10 one by one; `'error'`: the first
+    raises PrepareError naming it). Malformed records raise PrepareError either way."""
+    examples: list[Example] = []
+    wheres: list[str] = []
+    rejected: list[str] = []
+    for where, record in part:
+        try:
+            segments = segments_of(record, where, tokenizer)
+        except TemplateRejection as e:
+            if template_errors == 'error':
+                raise PrepareError(f'task "{task}": {e} (pass --template-errors skip to leave such examples out)'
+                                   ) from None
+            rejected.append(str(e))
+            if len(rejected) <= 10:
+                log.warning('task "%s": %s example left out: %s', task, split, e)
+            continue
+        examples.append(tokenize_segments(segments, tokenizer))
+        wheres.append(where)
+    if len(rejected) > 10:
+        log.warning('task "%s": %d %s examples left out in all: the chat template rejected them', task, len(rejected),
+                    split)
+    return examples, wheres, rejected
+
+
 def fit_length(examples: Sequence[Example], wheres: Sequence[str], max_seq_len: int, overlong: str,
                task: str) -> tuple[list[Example], int, int]:
     """Examples cut to `max_seq_len` (`truncate`; those left with no response token are dropped) or an error naming
@@ -245,17 +285,26 @@ def prepare_instruct(
     pack: bool = False,
     compression: str | None = None,
     overwrite: bool = False,
+    template_errors: str = 'skip',
 ) -> dict:
-    """Tokenize every task into `out` (atomically) and return the manifest. Raises PrepareError on bad input."""
+    """Tokenize every task into `out` (atomically) and return the manifest. Raises PrepareError on bad input.
+
+    `template_errors`: what a conversation the chat template cannot render does: `skip` (it is left out, counted as
+    `rejected` in the manifest, with a warning naming its file and line and the template's message; a split left with
+    no example is an error) or `error` (preparation stops, naming it).
+    """
     out = Path(out)
     if overlong not in OVERLONG:
         raise PrepareError(f'--overlong must be one of {OVERLONG}, got {overlong!r}')
+    if template_errors not in TEMPLATE_ERRORS:
+        raise PrepareError(f'--template-errors must be one of {TEMPLATE_ERRORS}, got {template_errors!r}')
     check_inputs(sources, out, max_seq_len, val_fraction, overwrite, 'task')
     tokenizer = load_tokenizer(tokenizer_path)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         manifest: dict = {'format': FORMAT, 'max_seq_len': max_seq_len, 'seed': seed, 'val_fraction': val_fraction,
-                          'overlong': overlong, 'pack': pack, 'eos_token_id': tokenizer.eos_token_id,
+                          'overlong': overlong, 'template_errors': template_errors, 'pack': pack,
+                          'eos_token_id': tokenizer.eos_token_id,
                           'vocab_size': len(tokenizer), 'domains': {}}
         for name in sorted(sources):
             records = list(read_records(sources[name]))
@@ -264,8 +313,10 @@ def prepare_instruct(
                                    '2 (one for train, one for val)')
             entry: dict = {'source': str(sources[name])}
             for split, part in zip(('train', 'val'), split_documents(records, val_fraction, seed)):
-                wheres = [where for where, _ in part]
-                examples = [tokenize_segments(segments_of(r, where, tokenizer), tokenizer) for where, r in part]
+                examples, wheres, rejected = render_examples(part, tokenizer, template_errors, name, split)
+                if not examples:
+                    raise PrepareError(f'task "{name}": all {len(part)} {split} examples were rejected by the chat '
+                                       f'template, e.g. {rejected[0]}')
                 examples, truncated, dropped = fit_length(examples, wheres, max_seq_len, overlong, name)
                 if not examples:
                     raise PrepareError(f'task "{name}": no {split} example keeps a response token within '
@@ -275,7 +326,7 @@ def prepare_instruct(
                 entry[split] = {'examples': len(examples), 'samples': len(rows),
                                 'tokens': int(sum(len(t) for t, _ in rows)),
                                 'response_tokens': int(sum(int(m.sum()) for _, m in rows)),
-                                'truncated': truncated, 'dropped': dropped}
+                                'truncated': truncated, 'dropped': dropped, 'rejected': len(rejected)}
                 if truncated:
                     log.warning('task "%s": %d %s examples longer than max_seq_len=%d were truncated (%d dropped: no '
                                 'response token left)', name, truncated, split, max_seq_len, dropped)

@@ -298,7 +298,8 @@ def format_manifest(manifest: dict) -> str:
         for name, d in manifest['domains'].items():
             lines.append(f"{name:>12}: " + ' | '.join(
                 f"{split} {d[split]['examples']:>6} examples {d[split]['tokens']:>9} tokens "
-                f"({d[split]['response_tokens']} in the loss, {d[split]['truncated']} truncated)"
+                f"({d[split]['response_tokens']} in the loss, {d[split]['truncated']} truncated, "
+                f"{d[split].get('rejected', 0)} rejected by the chat template)"
                 for split in ('train', 'val')))
         return '\n'.join(lines)
     for name, d in manifest['domains'].items():
