@@ -377,11 +377,76 @@ def check_dro_proportions(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
 
 
+def check_sequence_lengths(cfg: DictConfig) -> None:
+    """Each train/eval loader's `dataset.max_seq_len` must match the data drpruning-prepare wrote (its manifest.json
+    records the prepared length), for `dynamic_mixture`, `instruct` and `text` loaders over prepared folders.
+
+    Token rows are exactly the prepared length: a shorter max_seq_len would train on the first part of every row
+    only, a longer one pads every row (and `dynamic_mixture` fails at its first batch). Instruction rows are at most
+    the prepared length: a shorter max_seq_len fails at the first longer row, a longer one is harmless. Folders
+    without a manifest (other data, remote data) are not checked. Raises ConfigError naming the key.
+    """
+    def folders(loader: Any) -> Iterator[str]:
+        dataset = loader.get('dataset')
+        split = dataset.get('split')
+        if dataset.get('local') is not None and dataset.get('remote') is None:
+            local = str(dataset['local'])
+            if loader.get('name') == 'dynamic_mixture':
+                yield from (os.path.join(local, str(d), split or 'train') for d in (dataset.get('domains') or []))
+            else:
+                yield os.path.join(local, str(split)) if split else local
+        for stream in (dataset.get('streams') or {}).values():
+            if isinstance(stream, DictConfig) and stream.get('local') is not None and stream.get('remote') is None:
+                stream_split = stream.get('split', split)
+                yield os.path.join(str(stream['local']), str(stream_split)) if stream_split else str(stream['local'])
+
+    def manifest_of(folder: str) -> tuple[Path, dict] | None:
+        path = Path(folder).expanduser().resolve()
+        for parent in list(path.parents)[:3]:
+            candidate = parent / 'manifest.json'
+            if candidate.is_file():
+                try:
+                    manifest = json.loads(candidate.read_text(encoding='utf-8-sig'))
+                except (OSError, ValueError):
+                    return None
+                domains = manifest.get('domains') if isinstance(manifest, dict) else None
+                domain = path.relative_to(parent).parts[0]
+                if isinstance(domains, dict) and domain in domains and 'max_seq_len' in manifest:
+                    return candidate, manifest
+        return None
+
+    loaders = [('train_loader', cfg.get('train_loader'))] + list(_eval_loaders(cfg))
+    for key, loader in loaders:
+        if (not isinstance(loader, DictConfig) or loader.get('name') not in ('dynamic_mixture', 'instruct', 'text')
+                or not isinstance(loader.get('dataset'), DictConfig) or loader.dataset.get('max_seq_len') is None):
+            continue
+        length = int(loader.dataset.max_seq_len)
+        for folder in folders(loader):
+            found = manifest_of(folder)
+            if found is None:
+                continue
+            manifest_path, manifest = found
+            prepared = int(manifest['max_seq_len'])
+            instruct = manifest.get('format') == 'instruct'
+            fix = (f'Set {key}.dataset.max_seq_len={prepared}, or prepare the data again with '
+                   f'drpruning-prepare --max-seq-len {length}')
+            if length < prepared:
+                what = (f'rows of up to {prepared} tokens would fail at the first longer one' if instruct else
+                        f'training would read only the first {length} tokens of every {prepared}-token row')
+                raise ConfigError(f'{key}.dataset.max_seq_len: {length} is shorter than the prepared rows of {folder} '
+                                  f'({manifest_path} records max_seq_len={prepared}): {what}. {fix}')
+            if length > prepared and not instruct:
+                raise ConfigError(f'{key}.dataset.max_seq_len: {length} is longer than the prepared rows of {folder} '
+                                  f'({manifest_path} records max_seq_len={prepared}): every row would be padded '
+                                  f'(dynamic_mixture stops at its first batch). {fix}')
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first problem found in a resolved training config."""
     check_components(cfg)
     check_model_paths(cfg)
     check_data(cfg)
+    check_sequence_lengths(cfg)
     check_icl_tasks(cfg)
     check_dro(cfg)
     check_component_options(cfg)

@@ -172,6 +172,61 @@ def test_special_token_strings_in_documents_stay_text(tiny_demo, tmp_path):
         assert tok.eos_token in tok.decode(rows.reshape(-1).tolist())
 
 
+def test_max_seq_len_must_match_the_prepared_rows(tiny_demo, tmp_path):
+    """The pre-flight check compares every loader's max_seq_len with the length the manifest records: dynamic_mixture
+    and text loaders over token rows (shorter or longer is an error), instruct and dynamic_mixture over instruction
+    rows (shorter is an error), each naming the key, both lengths and how to fix it."""
+    from omegaconf import OmegaConf as om
+
+    from conftest import REPO, tiny_prune_overrides
+    from drpruning_composer.config_check import ConfigError, check_sequence_lengths, load_and_check
+
+    prune = str(REPO / 'yamls' / 'demo' / 'prune.yaml')
+    overrides = tiny_prune_overrides(tiny_demo, tmp_path / 'run')  # the tiny demo's rows are 64 tokens
+    load_and_check(prune, overrides)
+    for length in (32, 128):
+        with pytest.raises(ConfigError, match=rf'^train_loader\.dataset\.max_seq_len: {length} is '
+                                              rf'(shorter|longer) than the prepared rows .*max_seq_len=64.*'
+                                              rf'Set train_loader\.dataset\.max_seq_len=64, or prepare the data '
+                                              rf'again with drpruning-prepare --max-seq-len {length}'):
+            load_and_check(prune, [*overrides, f'variables.max_seq_len={length}'])
+
+    cfg = load_and_check(prune, overrides)
+    cfg.eval_loader[2].dataset.max_seq_len = 32  # an llm-foundry `text` eval loader
+    with pytest.raises(ConfigError, match=r'^eval_loader\[2\]\.dataset\.max_seq_len: 32 is shorter .*first 32 '
+                                          r'tokens of every 64-token row'):
+        check_sequence_lengths(cfg)
+    cfg = om.load(REPO / 'yamls' / 'demo' / 'pretrain.yaml')  # a `text` train loader over streams
+    cfg.variables.demo, cfg.variables.max_seq_len = str(tiny_demo), 48
+    om.resolve(cfg)
+    with pytest.raises(ConfigError, match=r'^train_loader\.dataset\.max_seq_len: 48 is shorter'):
+        check_sequence_lengths(cfg)
+
+    from test_instruct import write_tasks
+
+    from drpruning_composer.data.instruct import prepare_instruct
+
+    data = tmp_path / 'instruct_data'
+    prepare_instruct({t: write_tasks(tmp_path / 'src', {t: 6}) / t for t in ('add', 'echo')}, tiny_demo / 'tokenizer',
+                     data, max_seq_len=64)
+    cfg = om.load(REPO / 'yamls' / 'demo' / 'instruct.yaml')
+    cfg.variables.data, cfg.variables.domains = str(data), ['add', 'echo']
+    cfg.eval_loader = cfg.eval_loader[:2]
+    cfg.eval_loader[0].dataset.local, cfg.eval_loader[1].dataset.local = str(data / 'add'), str(data / 'echo')
+    for length, error in ((64, None), (128, None), (32, 'train_loader'), (48, 'train_loader')):
+        cfg.variables.max_seq_len = length
+        resolved = om.create(om.to_container(cfg, resolve=True))
+        if error is None:
+            check_sequence_lengths(resolved)
+        else:
+            with pytest.raises(ConfigError, match=rf'^{error}\.dataset\.max_seq_len: {length} is shorter .*rows of '
+                                                  r'up to 64 tokens'):
+                check_sequence_lengths(resolved)
+    resolved.train_loader.dataset.max_seq_len = 64
+    with pytest.raises(ConfigError, match=r'^eval_loader\[0\]\.dataset\.max_seq_len: 48 is shorter'):
+        check_sequence_lengths(resolved)
+
+
 def test_cli_reports_bad_input_without_traceback(tiny_demo, tmp_path, capsys):
     assert main(['--domain', 'x', '--tokenizer', str(tiny_demo / 'tokenizer'), '--out', str(tmp_path / 'o')]) == 2
     assert "--domain 'x': expected NAME=PATH" in capsys.readouterr().err
