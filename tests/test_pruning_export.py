@@ -115,3 +115,55 @@ def test_unsupported_architecture_is_rejected():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
     with pytest.raises(ValueError, match='unsupported architecture GPT2LMHeadModel'):
         check_supported(gpt2)
+
+
+def test_export_without_source_generation_config_derives_it_as_hugging_face_does(tmp_path):
+    """Issue 20, item 1: a source folder without generation_config.json gets the one `from_pretrained` would derive
+    from its config; the export writes it, so the exported model generates as the source does."""
+    from transformers import GenerationConfig
+
+    from drpruning_composer.pruning.export import source_generation_config
+
+    config, target = CASES['llama_gqa']
+    config = LlamaConfig(**{**config.to_dict(), 'eos_token_id': 5, 'bos_token_id': 4})
+    model, _ = _masked_model(config, target)
+    model.save_pretrained(tmp_path / 'source')
+    (tmp_path / 'source' / 'generation_config.json').unlink()
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / 'source')
+    recorded = source_generation_config(tmp_path / 'source', config)
+    out = export_pruned_model(dict(model.state_dict()), config.to_dict(), target, tmp_path / 'pruned',
+                              generation_config=recorded)
+    default = export_pruned_model(dict(model.state_dict()), config.to_dict(), target, tmp_path / 'default')
+    for folder in (out, default):
+        assert (folder / 'generation_config.json').is_file()
+        exported = AutoModelForCausalLM.from_pretrained(folder).generation_config
+        assert exported.to_diff_dict() == source.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(
+            folder).to_diff_dict()
+        assert exported.eos_token_id == 5 and exported.bos_token_id == 4
+
+
+@pytest.mark.parametrize('source_dtype, dtype, expected', [
+    ('bfloat16', None, torch.bfloat16),  # the source's dtype unless told otherwise
+    ('float16', None, torch.float16),
+    ('bfloat16', torch.float32, torch.float32),
+    (None, None, torch.float32),  # a config without torch_dtype: the weights' own
+])
+def test_export_is_written_in_the_source_dtype(tmp_path, source_dtype, dtype, expected):
+    """Issue 20, item 2: a bfloat16 source exported as float32 doubled the size users expect."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config, target = CASES['llama_tied_bias']
+    model, _ = _masked_model(config, target)
+    source_config = {**config.to_dict(), 'torch_dtype': source_dtype}
+    state = dict(model.state_dict())
+    out = export_pruned_model(state, source_config, target, tmp_path / 'pruned', dtype=dtype)
+    weights = load_file(out / 'model.safetensors')
+    assert {v.dtype for v in weights.values()} == {expected}
+    assert json.loads((out / 'config.json').read_text())['torch_dtype'] == str(expected).removeprefix('torch.')
+    full = load_file(export_pruned_model(state, source_config, target, tmp_path / 'fp32', dtype=torch.float32)
+                     / 'model.safetensors')
+    assert all(torch.equal(weights[k], full[k].to(expected)) for k in full)  # the same model, cast
+    loaded = AutoModelForCausalLM.from_pretrained(out, torch_dtype='auto')
+    assert loaded.dtype == expected and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()

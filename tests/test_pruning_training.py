@@ -197,3 +197,94 @@ def test_bad_hard_finish_fails_before_training(hard_finish, max_duration, match)
     trainer, _ = _trainer(_algorithm(hard_finish=hard_finish), max_duration)
     with pytest.raises(ValueError, match=f'l0_mask.hard_finish.*{match}'):
         trainer.fit()
+
+
+def _source_folder(folder, tie: bool = False) -> None:
+    """A source folder as the hub ships one: bfloat16 weights and config, a generation config that is not the one
+    derived from config.json (two EOS ids, sampling), a tokenizer with special tokens, a chat template and an extra
+    tokenizer file."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG, torch_dtype='bfloat16', bos_token_id=3, eos_token_id=0, tie_word_embeddings=tie)
+    AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16).save_pretrained(folder)
+    GenerationConfig(bos_token_id=3, eos_token_id=[0, 1], do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(
+        folder)
+    vocab = {'<|end|>': 0, '<|im_end|>': 1, '<pad>': 2, '<s>': 3, **{f'w{i}': i for i in range(4, CONFIG['vocab_size'])}}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token='<pad>')),
+                                        bos_token='<s>', eos_token='<|im_end|>', pad_token='<pad>',
+                                        additional_special_tokens=['<|end|>'])
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    tokenizer.save_pretrained(folder)
+    (folder / 'vocab.txt').write_text('\n'.join(vocab) + '\n')  # another tokenizer file a source may carry
+
+
+def _source_trainer(folder, algorithm: L0MaskAlgorithm, **kwargs) -> Trainer:
+    """A model loaded as llm-foundry's hf_causal_lm does: float32 master weights from the source folder."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation='eager')
+    model = HuggingFaceModel(hf, tokenizer=AutoTokenizer.from_pretrained(folder), use_logits=True)
+    return Trainer(model=model, train_dataloader=_dataloader(4), max_duration='4ba',
+                   optimizers=DecoupledAdamW(model.parameters(), lr=1e-3, weight_decay=1e-5), algorithms=[algorithm],
+                   device='cpu', precision='fp32', seed=17, progress_bar=False, log_to_console=False, **kwargs)
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_export_carries_generation_config_tokenizer_and_source_dtype(tmp_path, tie):
+    """Issue 20, items 1 and 2: the FIT_END export and `drpruning-export` of a checkpoint (with the source folder gone)
+    carry the source's generation_config.json and tokenizer files, in the source's dtype (bfloat16), and equal the
+    end-of-training model cast to that dtype; `export_dtype` / `--dtype float32` write the float32 master weights."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    source = tmp_path / 'source'
+    _source_folder(source, tie)
+    fit_end = tmp_path / 'fit_end'
+    trainer = _source_trainer(source, _algorithm(export_dir=str(fit_end), hard_finish='0ba'),
+                              save_folder=str(tmp_path / 'ckpt'), save_interval='4ba')
+    trainer.fit()
+    final = {k: v.detach().clone() for k, v in trainer.state.model.model.state_dict().items()}
+    ckpt = tmp_path / 'ckpt' / 'ep0-ba4-rank0.pt'
+    shutil.move(source, tmp_path / 'moved')  # the CLI must not need the source folder
+    cli, cli32 = tmp_path / 'cli', tmp_path / 'cli32'
+    export_main([str(ckpt), str(cli)])
+    export_main([str(ckpt), str(cli32), '--dtype', 'float32'])
+    moved = tmp_path / 'moved'
+
+    expected_generation = json.loads((moved / 'generation_config.json').read_text())
+    for out in (fit_end, cli, cli32):
+        assert json.loads((out / 'generation_config.json').read_text()) == expected_generation
+        loaded = GenerationConfig.from_pretrained(out)
+        assert (loaded.eos_token_id, loaded.do_sample, loaded.temperature, loaded.top_p) == ([0, 1], True, 0.6, 0.9)
+        for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.txt'):
+            assert (out / name).read_bytes() == (moved / name).read_bytes(), name
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        assert tokenizer.eos_token == '<|im_end|>' and '<|end|>' in tokenizer.additional_special_tokens
+        assert tokenizer.apply_chat_template([{'role': 'user', 'content': 'w5'}], tokenize=False) == 'w5<|im_end|>'
+        model = AutoModelForCausalLM.from_pretrained(out, torch_dtype='auto')
+        assert model.generation_config.eos_token_id == [0, 1] and model.generation_config.do_sample
+        assert model.config.tie_word_embeddings == tie
+        if tie:
+            assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    def weights(out):
+        return load_file(out / 'model.safetensors')
+
+    bf16, bf16_cli, fp32 = weights(fit_end), weights(cli), weights(cli32)
+    assert json.loads((fit_end / 'config.json').read_text())['torch_dtype'] == 'bfloat16'
+    assert json.loads((cli32 / 'config.json').read_text())['torch_dtype'] == 'float32'
+    assert all(v.dtype == torch.bfloat16 for v in bf16.values()) and all(v.dtype == torch.float32 for v in fp32.values())
+    assert bf16.keys() == bf16_cli.keys() == fp32.keys()
+    assert all(torch.equal(bf16[k], bf16_cli[k]) and torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in bf16)
+    # the float32 export is the end-of-training model under the final masks, bit for bit
+    from drpruning_composer.pruning.export import export_pruned_model
+
+    algorithm = trainer.state.algorithms[0]
+    direct = export_pruned_model(final, algorithm.source_config, TARGET, tmp_path / 'direct', dtype=torch.float32)
+    assert all(torch.equal(v, fp32[k]) for k, v in weights(direct).items())

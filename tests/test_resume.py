@@ -145,7 +145,7 @@ def test_save_folder_without_autoresume_fails_before_training(tiny_demo, tmp_pat
     monkeypatch.delenv('RUN_NAME', raising=False)
     save = tmp_path / 'save'
     base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama',
-            f'variables.save_folder={save}']
+            f'variables.save_folder={save}', 'variables.max_seq_len=64']
     cfg = load_and_check(PRUNE, [*base, 'save_overwrite=false'])
     with pytest.raises(ConfigError, match=r'^autoresume: .* Set autoresume=true'):
         check_resume(cfg)

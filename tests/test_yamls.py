@@ -116,7 +116,7 @@ PRUNE = str(REPO / 'yamls' / 'demo' / 'prune.yaml')
 
 
 def _prune_base(demo: Path) -> list[str]:
-    return [f'variables.demo={demo}', f'variables.source_model={demo}/tiny_llama']
+    return [f'variables.demo={demo}', f'variables.source_model={demo}/tiny_llama', 'variables.max_seq_len=64']
 
 
 @pytest.mark.parametrize('override, key', [
@@ -129,6 +129,7 @@ def _prune_base(demo: Path) -> list[str]:
     ('algorithms.l0_mask.masks=[layer,wings]', 'algorithms.l0_mask.masks'),
     ('algorithms.l0_mask.target.hidden_dim=8', 'algorithms.l0_mask.target'),
     ('algorithms.l0_mask.hard_finish=2ep', 'algorithms.l0_mask.hard_finish'),
+    ('algorithms.l0_mask.export_dtype=int8', 'algorithms.l0_mask.export_dtype'),
     ('algorithms.distill.alpha=2', 'algorithms.distill.alpha'),
     ('algorithms.distill.teacher_dtype=int8', 'algorithms.distill.teacher_dtype'),
     ('algorithms.distill.teacher=/nonexistent/teacher', 'algorithms.distill.teacher'),

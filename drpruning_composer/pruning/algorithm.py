@@ -18,7 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from drpruning_composer.pruning.attach import attach_masks, bias_layout, check_supported
-from drpruning_composer.pruning.export import export_pruned_model
+from drpruning_composer.pruning.export import SOURCE, export_pruned_model, read_tokenizer_files
+from drpruning_composer.pruning.export import export_dtype as parse_export_dtype
+from drpruning_composer.pruning.export import source_generation_config, source_torch_dtype
 from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
 from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
                                                   expected_non_embedding_params, required_masks, resolve_target)
@@ -52,7 +54,10 @@ class L0MaskAlgorithm(Algorithm):
         lagrangian_warmup: Composer time string over which the target sparsity grows linearly from 0.
         mask_lr / lagrangian_lr: learning rates of the mask logits and of the Lagrange multipliers.
         eval_mode: 'soft' evaluates the current noise-free masks, 'target' the exact top-k target model.
-        export_dir: if set, the pruned Hugging Face model is written there at FIT_END.
+        export_dir: if set, the pruned Hugging Face model is written there at FIT_END, with the source folder's
+            generation config and tokenizer files (`model.pretrained_model_name_or_path`).
+        export_dtype: dtype of the exported weights: 'source' (the source config's torch_dtype, e.g. bfloat16, as
+            Hugging Face users expect a pruned model to be stored like its source), or float32, bfloat16, float16.
         init_log_alpha: initial mask logit (about +5: all gates on).
         hard_finish: Composer time string: for this last part of training (e.g. '60ba', or '0.2dur' of max_duration)
             every forward, train and eval, uses the exact target masks, frozen (masks and multipliers get lr 0).
@@ -65,7 +70,7 @@ class L0MaskAlgorithm(Algorithm):
     def __init__(self, target: dict[str, int], masks: Sequence[str] | None = None, lagrangian_warmup: str = '0ba',
                  mask_lr: float = 0.1, lagrangian_lr: float = 0.1, eval_mode: str = 'soft',
                  export_dir: str | None = None, init_log_alpha: float = 5.0, hard_finish: str = '0.2dur',
-                 constraint: str = 'per_layer'):
+                 constraint: str = 'per_layer', export_dtype: str = SOURCE):
         check_target_fields(target)
         if masks is not None:
             unknown = sorted(set(masks) - set(MASK_TYPES))
@@ -75,6 +80,7 @@ class L0MaskAlgorithm(Algorithm):
             raise ValueError(f'l0_mask.eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}')
         if constraint not in CONSTRAINTS:
             raise ValueError(f'l0_mask.constraint must be one of {CONSTRAINTS}, got {constraint!r}')
+        parse_export_dtype(export_dtype, key='l0_mask.export_dtype')
         self.warmup = _parse_time('lagrangian_warmup', lagrangian_warmup)
         self.hard_finish = _parse_time('hard_finish', hard_finish)
         if self.hard_finish.unit not in (TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN, TimeUnit.DURATION):
@@ -85,11 +91,14 @@ class L0MaskAlgorithm(Algorithm):
             'target': dict(target), 'masks': None if masks is None else list(masks),
             'lagrangian_warmup': lagrangian_warmup, 'mask_lr': mask_lr, 'lagrangian_lr': lagrangian_lr,
             'eval_mode': eval_mode, 'export_dir': export_dir, 'init_log_alpha': init_log_alpha,
-            'hard_finish': hard_finish, 'constraint': constraint,
+            'hard_finish': hard_finish, 'constraint': constraint, 'export_dtype': export_dtype,
         }
         self._mask_groups: tuple[int, int] | None = None
         self.masks: L0Masks | None = None
         self.source_config: dict[str, Any] | None = None
+        self.source_folder: str | None = None
+        self.generation_config: dict[str, Any] | None = None
+        self.tokenizer_files: dict[str, torch.Tensor] = {}
         self.model_prefix: str | None = None
 
     def match(self, event: Event, state: State) -> bool:
@@ -145,6 +154,14 @@ class L0MaskAlgorithm(Algorithm):
                              per_row_constraint=self.hparams['constraint'] == 'per_layer')
         attach_masks(hf_model, self.masks)
         self.source_config = json.loads(hf_model.config.to_json_string(use_diff=False))
+        # What the export carries from the source folder, recorded now so that `drpruning-export` of a checkpoint
+        # needs no source folder: its generation config, its tokenizer files, and its dtype (the loaded config says
+        # float32, the dtype of the training master weights). A resumed run keeps what its first start recorded.
+        self.source_folder = getattr(hf_model.config, '_name_or_path', None) or None
+        self.generation_config = source_generation_config(self.source_folder, hf_model.config)
+        self.tokenizer_files = read_tokenizer_files(self.source_folder)
+        self.source_config['torch_dtype'] = source_torch_dtype(self.source_folder) or self.source_config.get(
+            'torch_dtype')
         optimizer = state.optimizers[0]
         self._mask_groups = (len(optimizer.param_groups), len(optimizer.param_groups) + 1)
         optimizer.add_param_group({'params': list(self.masks.log_alpha.parameters()),
@@ -231,13 +248,17 @@ class L0MaskAlgorithm(Algorithm):
         if dist.get_global_rank() == 0:
             prefix = self.model_prefix
             hf_state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            tokenizer = self.tokenizer_files or getattr(model, 'tokenizer', None)
             export_pruned_model(hf_state, self.source_config, self.hparams['target'], self.hparams['export_dir'],
-                                tokenizer=getattr(model, 'tokenizer', None), overwrite=True)
+                                tokenizer=tokenizer, overwrite=True, generation_config=self.generation_config,
+                                dtype=parse_export_dtype(self.hparams['export_dtype']))
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters and source config (primitives only), enough for `drpruning-export` to run alone."""
-        return {'hparams': dict(self.hparams), 'source_config': self.source_config, 'model_prefix': self.model_prefix}
+        return {'hparams': dict(self.hparams), 'source_config': self.source_config, 'model_prefix': self.model_prefix,
+                'source_folder': self.source_folder, 'generation_config': self.generation_config,
+                'tokenizer_files': dict(self.tokenizer_files)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check that the run resumes with the same target and schedule; mask state itself lives in the model."""
@@ -246,3 +267,8 @@ class L0MaskAlgorithm(Algorithm):
             saved = state['hparams'].get(key, defaults.get(key))
             if saved != self.hparams[key]:
                 raise ValueError(f'l0_mask.{key}={self.hparams[key]!r} differs from the checkpoint ({saved!r})')
+        if state.get('generation_config') is not None:  # what the export carries: as recorded at the first start
+            self.source_config['torch_dtype'] = state['source_config'].get('torch_dtype')
+            self.source_folder = state.get('source_folder')
+            self.generation_config = state['generation_config']
+            self.tokenizer_files = dict(state.get('tokenizer_files') or {})

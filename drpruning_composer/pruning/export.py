@@ -2,11 +2,17 @@
 
 Final masks are binary with exactly the target count per layer, so export is pure sub-setting of weight rows and
 columns. CLI: `drpruning-export CKPT OUT` reads a monolithic Composer checkpoint of a run with `L0MaskAlgorithm`.
+
+An export carries what the source folder carries for generation and tokenization: its `generation_config.json`
+(derived from the config, as Hugging Face does, when the source has none), its tokenizer files verbatim (special
+tokens, chat template, any extra file), and it is written in the source's dtype (its config's `torch_dtype`, e.g.
+bfloat16, not the float32 master weights of training) unless another dtype is asked for.
 """
 
 import argparse
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,13 +21,20 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from drpruning_composer.atomic import atomic_directory
 from drpruning_composer.pruning.masks import target_gates
 from drpruning_composer.pruning.structure import SUPPORTED_MODEL_TYPES, ModelShape, resolve_target
 
 MASK_PREFIX = 'l0_masks.'
+EXPORT_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+SOURCE = 'source'
+GENERATION_CONFIG = 'generation_config.json'
+# Files of a Hugging Face tokenizer folder, copied verbatim from the source (whichever of them it has).
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'added_tokens.json',
+                   'tokenizer.model', 'spiece.model', 'sentencepiece.bpe.model', 'vocab.json', 'merges.txt',
+                   'vocab.txt', 'chat_template.jinja', 'chat_template.json')
 LOG_ALPHA_PREFIX = MASK_PREFIX + 'log_alpha.'
 
 # Which index sub-sets each dim of a parameter: 'hidden', 'query' (q rows / o_proj columns), 'kv', 'intermediate'
@@ -124,6 +137,92 @@ def compact_state_dict(state_dict: Mapping[str, torch.Tensor], kept: KeptIndices
     return out
 
 
+def export_dtype(name: str | None, key: str = 'export_dtype') -> torch.dtype | None:
+    """`source` (or None) -> None (the source's dtype); `float32`, `bfloat16`, `float16` -> that torch dtype."""
+    if name is None or name == SOURCE:
+        return None
+    if name not in EXPORT_DTYPES:
+        raise ValueError(f'{key} must be {SOURCE!r} or one of {sorted(EXPORT_DTYPES)}, got {name!r}')
+    return EXPORT_DTYPES[name]
+
+
+def source_file(folder: str | os.PathLike | None, name: str) -> Path | None:
+    """The file `name` of a source model: in a local folder, or in the local Hugging Face cache for a hub id."""
+    if not folder:
+        return None
+    if os.path.isdir(folder):
+        path = Path(folder) / name
+        return path if path.is_file() else None
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(str(folder), name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except Exception:  # not a hub id, or not reachable: the source has no such file here
+        return None
+    return Path(found) if found else None
+
+
+def source_torch_dtype(folder: str | os.PathLike | None) -> str | None:
+    """`torch_dtype` of the source folder's own config.json (the loaded config says float32: the master weights)."""
+    path = source_file(folder, 'config.json')
+    if path is None:
+        return None
+    with open(path) as f:
+        value = json.load(f).get('torch_dtype')
+    return value if value in EXPORT_DTYPES else None
+
+
+def source_generation_config(folder: str | os.PathLike | None, config: Any) -> dict[str, Any]:
+    """The source's generation config as primitives: its `generation_config.json` as written, or, without one,
+    the one Hugging Face derives from the model config (`GenerationConfig.from_model_config`)."""
+    path = source_file(folder, GENERATION_CONFIG)
+    if path is not None:
+        with open(path) as f:
+            return json.load(f)
+    return derived_generation_config(config)
+
+
+def derived_generation_config(config: Any) -> dict[str, Any]:
+    """What `from_pretrained` uses for a folder without generation_config.json: derived from the model config."""
+    from transformers import GenerationConfig
+
+    if isinstance(config, Mapping):
+        config = AutoConfig.for_model(config['model_type'], **{k: v for k, v in config.items() if k != 'model_type'})
+    return json.loads(GenerationConfig.from_model_config(config).to_json_string(use_diff=True))
+
+
+def has_tokenizer_files(folder: str | os.PathLike | None) -> bool:
+    return any(source_file(folder, name) is not None for name in ('tokenizer.json', 'tokenizer_config.json'))
+
+
+def read_tokenizer_files(folder: str | os.PathLike | None) -> dict[str, torch.Tensor]:
+    """The tokenizer files of a source folder (local, or a hub id in the local cache), each as its bytes in a uint8
+    tensor: a checkpoint that records them stays loadable with `torch.load(weights_only=True)`."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        path = source_file(folder, name)
+        if path is not None:
+            files[name] = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).clone()
+    return files
+
+
+def write_tokenizer_files(files: Mapping[str, torch.Tensor | bytes], out: Path) -> None:
+    for name, content in files.items():
+        (out / name).write_bytes(bytes(content.numpy().tobytes()) if isinstance(content, torch.Tensor) else content)
+
+
+def copy_tokenizer_files(folder: str | os.PathLike, out: Path) -> list[str]:
+    """Copy the tokenizer files of `folder` (local, or a hub id in the local cache) into `out`, byte for byte."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = source_file(folder, name)
+        if path is not None:
+            shutil.copyfile(path, out / name)
+            copied.append(name)
+    return copied
+
+
 def pruned_config(source_config: Mapping[str, Any], target: ModelShape, dtype: torch.dtype) -> Any:
     """The source config with the target shape and an explicit head_dim."""
     fields = dict(source_config)
@@ -146,25 +245,40 @@ def pruned_config(source_config: Mapping[str, Any], target: ModelShape, dtype: t
 
 def export_pruned_model(state_dict: Mapping[str, torch.Tensor], source_config: Mapping[str, Any],
                         target: Mapping[str, int], out_dir: str | os.PathLike, tokenizer: Any = None,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, generation_config: Mapping[str, Any] | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
     """Write the pruned model of a masked Hugging Face state dict to `out_dir`, atomically.
 
     `state_dict` uses the Hugging Face model's keys and holds `l0_masks.log_alpha.*`; `target` is the target shape in
-    config names. Everything is written to a temporary folder beside `out_dir` that is renamed at the end.
+    config names. `tokenizer`: a tokenizer folder (its files are copied verbatim), a dict of file name -> content
+    (`read_tokenizer_files`, written verbatim), a tokenizer object (saved with `save_pretrained`) or None. `generation_config`: the source's generation config as a dict (written as
+    `generation_config.json`); None derives it from the config, as Hugging Face does for a folder without one.
+    `dtype`: of the written weights; None is the source's, `source_config['torch_dtype']` (the weights' own dtype
+    if it names none). Everything is written to a temporary folder beside `out_dir` that is renamed at the end.
     """
     source = ModelShape.from_config(source_config)
     target_shape = resolve_target(source, target)
     log_alpha = {k[len(LOG_ALPHA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LOG_ALPHA_PREFIX)}
     compact = compact_state_dict(state_dict, kept_indices(log_alpha, source, target_shape))
-    dtype = compact['model.embed_tokens.weight'].dtype
+    if dtype is None:
+        dtype = EXPORT_DTYPES.get(str(source_config.get('torch_dtype')), compact['model.embed_tokens.weight'].dtype)
+    compact = {k: v.to(dtype) if v.is_floating_point() else v for k, v in compact.items()}
     config = pruned_config(source_config, target_shape, dtype)
     if config.tie_word_embeddings:
         compact.pop('lm_head.weight', None)
+    generation = dict(generation_config) if generation_config is not None else derived_generation_config(config)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in compact.items()}, tmp / 'model.safetensors',
                   metadata={'format': 'pt'})
-        if tokenizer is not None:
+        with open(tmp / GENERATION_CONFIG, 'w', encoding='utf-8') as f:
+            f.write(json.dumps(generation, indent=2, sort_keys=True) + '\n')
+        if isinstance(tokenizer, Mapping):
+            write_tokenizer_files(tokenizer, tmp)
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            if not copy_tokenizer_files(tokenizer, tmp):
+                raise ValueError(f'export: {tokenizer} holds no tokenizer files ({", ".join(TOKENIZER_FILES[:3])}, ..)')
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
 
@@ -176,27 +290,42 @@ def _algorithm_state(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     raise ValueError('export: the checkpoint holds no L0MaskAlgorithm state')
 
 
-def _load_tokenizer(path: str | None, checkpoint: Mapping[str, Any], scratch: str) -> Any:
+def _tokenizer_source(path: str | None, algorithm: Mapping[str, Any], checkpoint: Mapping[str, Any],
+                      scratch: str) -> Any:
+    """The tokenizer files the export writes: `--tokenizer`'s, else the source folder's as the run recorded them at
+    its start (what the FIT_END export writes), else the tokenizer Composer saved in the checkpoint."""
     if path is not None:
-        return AutoTokenizer.from_pretrained(path)
+        return path
+    if algorithm.get('tokenizer_files'):
+        return algorithm['tokenizer_files']
     hf_state = checkpoint['state'].get('integrations', {}).get('huggingface')
     if hf_state and hf_state.get('tokenizer'):
         from composer.models import HuggingFaceModel
-        return HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=scratch)
+        HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=scratch)
+        return scratch
     return None
 
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None,
-                      overwrite: bool = False) -> Path:
-    """Export the pruned model of a monolithic Composer checkpoint written by a run with `L0MaskAlgorithm`."""
+                      overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Export the pruned model of a monolithic Composer checkpoint written by a run with `L0MaskAlgorithm`.
+
+    `dtype`: `source`, `float32`, `bfloat16` or `float16`; None: the run's `export_dtype` (default `source`). The
+    generation config is the one the run recorded from its source folder at the start (checkpoints written before
+    it was recorded: derived from the config).
+    """
     # Composer's own checkpoint entries (e.g. timedelta) need full unpickling: only export trusted checkpoints.
     checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=False)
     algorithm = _algorithm_state(checkpoint)
     prefix = algorithm['model_prefix']
     state_dict = {k[len(prefix):]: v for k, v in checkpoint['state']['model'].items() if k.startswith(prefix)}
+    torch_dtype = export_dtype(dtype if dtype is not None else algorithm['hparams'].get('export_dtype', SOURCE),
+                               key='--dtype' if dtype is not None else 'l0_mask.export_dtype')
     with tempfile.TemporaryDirectory() as scratch:
         return export_pruned_model(state_dict, algorithm['source_config'], algorithm['hparams']['target'], out_dir,
-                                   tokenizer=_load_tokenizer(tokenizer, checkpoint, scratch), overwrite=overwrite)
+                                   tokenizer=_tokenizer_source(tokenizer, algorithm, checkpoint, scratch),
+                                   overwrite=overwrite, generation_config=algorithm.get('generation_config'),
+                                   dtype=torch_dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -204,10 +333,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='drpruning-export', description=main.__doc__)
     parser.add_argument('checkpoint', help='Composer checkpoint (.pt) of a run with the l0_mask algorithm')
     parser.add_argument('out', help='output folder for the pruned Hugging Face model')
-    parser.add_argument('--tokenizer', help='tokenizer folder to copy (default: the one saved in the checkpoint)')
+    parser.add_argument('--tokenizer', help='tokenizer folder to copy (default: the source folder\'s, if readable, '
+                                            'else the one saved in the checkpoint)')
+    parser.add_argument('--dtype', choices=[SOURCE, *EXPORT_DTYPES],
+                        help="dtype of the written weights (default: the run's l0_mask.export_dtype, 'source': the "
+                             "source config's torch_dtype)")
     parser.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    out = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                            dtype=args.dtype)
     print(json.dumps({'exported': str(out)}))
 
 
