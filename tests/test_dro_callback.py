@@ -301,6 +301,71 @@ def test_domain_at_proportion_zero_is_refused_where_it_could_never_gain_weight(f
         callback.run_event(Event.FIT_START, state, Logger(state, []))
 
 
+def test_weight_lag_is_fixed_at_the_first_start_and_a_deeper_prefetch_is_refused_on_restart(fake_state):
+    """Issue 20, item 10: the lag between an evaluation and the first sample its weights reach is the prefetch depth
+    of the run's first start (or `weight_lag_batches`), checkpointed; a restart may prefetch less, not more."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from composer.core import Event
+    from composer.loggers import Logger
+
+    from drpruning_composer.dro.callback import DROReweightCallback
+
+    def start(callback, num_workers, checkpoint=None):
+        state = SimpleNamespace(**vars(fake_state))
+        mixture = fake_state.train_dataloader.dataset
+        state.train_dataloader = torch.utils.data.DataLoader(
+            mixture, batch_size=4, num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+        if checkpoint is not None:
+            callback.load_state_dict(checkpoint)
+        callback.run_event(Event.FIT_START, state, Logger(state, []))
+        return callback
+
+    def callback(**kwargs):
+        return DROReweightCallback(domains=DOMAINS, reference_loss=[1.0, 1.0, 1.0], **kwargs)
+
+    first = start(callback(), num_workers=2)
+    assert first.weight_lag == 2 * 2 * 4 and first.state_dict()['weight_lag'] == 16
+    assert start(callback(), 0, first.state_dict()).weight_lag == 16  # fewer workers: the same stream
+    assert start(callback(weight_lag_batches=6), 2).weight_lag == 24
+    no_workers = start(callback(), num_workers=0)
+    assert no_workers.weight_lag == 0  # as before: the next batch
+    with pytest.raises(ValueError, match=r'^callbacks.dro_reweight.weight_lag_batches: the train loader prefetches 4 '
+                                         r'batches .* more than the lag of 0 batches'):
+        start(callback(), 2, no_workers.state_dict())
+    with pytest.raises(ValueError, match='prefetches 4 batches'):
+        start(callback(weight_lag_batches=3), 2)
+
+
+def test_llmfoundry_restart_with_other_num_workers_reads_the_same_stream(tmp_path):
+    """Issue 20, item 10, end to end: a run with num_workers=1 (prefetch_factor 1) whose DRO weights change, and a
+    restart of it from its batch-4 checkpoint with num_workers=0: the same batches and the same weight history."""
+    paths = write_fixture(tmp_path)
+    dro = {
+        'domains': DOMAINS, 'update': 'dro', 'rho': 0.1, 'min_prob': 0.2, 'reference_loss': 'dynamic',
+        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 1.5, 'min_fit_points': 4,
+        'history_folder': str(tmp_path / 'dro'),
+    }
+    yaml_path = write_yaml(tmp_path, paths, dro)
+    config = json.loads(yaml_path.read_text())
+    config['train_loader'].update(num_workers=1, prefetch_factor=1, persistent_workers=False)
+    config['max_duration'] = '8ba'
+    yaml_path.write_text(json.dumps(config))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH', '')])}
+    result = subprocess.run([sys.executable, __file__, str(yaml_path), str(tmp_path), 'train_loader.num_workers=0',
+                             'train_loader.prefetch_factor=null'], capture_output=True, text=True, timeout=1800,
+                            env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    full, resumed = (json.loads((tmp_path / phase / 'rank0.json').read_text()) for phase in ('full', 'resumed'))
+    history = full['history']
+    assert len(history) >= 3 and any(start < 8 * 8 for start, _ in history[1:])  # changes took effect in the run
+    assert all((start - 8) % 8 == 0 for start, _ in history[1:])  # from the batch after the evaluation
+    assert resumed['batches'] == [b for b in full['batches'] if b['batch'] >= 4]
+    assert resumed['history'] == history
+
+
 def test_non_finite_loss_skips_update(fake_state, tmp_path):
     from types import SimpleNamespace
 
@@ -584,7 +649,7 @@ def test_train_loss_ema_is_per_domain_token_mean(fake_state):
 
 # ---------------------------------------------------------------- worker (run under `composer -n 2`)
 
-def _worker(yaml_path: str, root: str) -> None:
+def _worker(yaml_path: str, root: str, *resume_overrides: str) -> None:
     from composer.core import Callback, Event, State
     from composer.loggers import Logger
     from composer.utils import dist
@@ -622,9 +687,9 @@ def _worker(yaml_path: str, root: str) -> None:
     train_from_yaml(yaml_path, [])
     train_from_yaml(yaml_path, [
         f'load_path={root}/checkpoints/ep0-ba4-rank0.pt', 'save_folder=null',
-        f'callbacks.record_mixture.out={root}/resumed',
+        f'callbacks.record_mixture.out={root}/resumed', *resume_overrides,
     ])
 
 
 if __name__ == '__main__':
-    _worker(sys.argv[1], sys.argv[2])
+    _worker(*sys.argv[1:])

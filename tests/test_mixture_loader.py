@@ -179,3 +179,41 @@ def test_proportions_are_normalised_with_warning(data_root):
     with pytest.warns(UserWarning, match='normalising'):
         loader = build(data_root, proportions=[2, 1, 1])
     np.testing.assert_allclose(loader.dataset.weights, [0.5, 0.25, 0.25])
+
+
+def test_stream_does_not_depend_on_num_workers_when_weights_change_at_consumed_plus_lag(data_root):
+    """Issue 20, item 10: new weights take effect at (samples consumed + a fixed lag), as `dro_reweight` sets them,
+    not at the sampler's draw position (which runs ahead by the workers' prefetch): an uninterrupted run and runs
+    restarted with another num_workers read the same stream, sample for sample."""
+    lag = 2 * 2 * BATCH  # num_workers=2 x prefetch_factor=2 batches: the deepest prefetch used below
+    changes = {3: [0.05, 0.05, 0.9], 4: [0.3, 0.3, 0.4], 7: [0.8, 0.1, 0.1]}
+
+    def run(loader, first_batch, stop, checkpoint_at=None):
+        dataset, batches, state = loader.dataset, {}, None
+        for b, batch in zip(range(first_batch, stop), loader):
+            batches[b] = decode(batch)
+            consumed = (b + 1) * BATCH
+            if b + 1 in changes:  # an evaluation after batch b: weights from `consumed + lag` on
+                dataset.set_weights_on_all_ranks(changes[b + 1], first_index=consumed + lag)
+            if b + 1 == checkpoint_at:
+                state = dataset.state_dict(consumed, True)
+        return batches, state
+
+    streams, states = {}, {}
+    for workers in (0, 2):
+        streams[workers], states[workers] = run(build(data_root, workers), 0, 14, checkpoint_at=5)
+    assert streams[0] == streams[2]
+    assert [start for start, _ in states[0]['history']] == [0, 3 * BATCH + lag, 4 * BATCH + lag]
+    for first, then in ((0, 2), (2, 0)):
+        resumed = build(data_root, then)
+        resumed.dataset.load_state_dict(states[first])
+        assert run(resumed, 5, 14)[0] == {b: streams[0][b] for b in range(5, 14)}
+    late = [d for b in range(12, 14) for d, _ in streams[0][b]]
+    assert late.count(0) >= len(late) // 2  # the last change took effect
+
+    # A change due before what the workers have already drawn cannot be exact: refused, not silently shifted.
+    loader = build(data_root, 2)
+    it = iter(loader)
+    next(it)
+    with pytest.raises(RuntimeError, match='already drawn up to .* lower num_workers'):
+        loader.dataset.set_weights_on_all_ranks([0.2, 0.2, 0.6], first_index=BATCH)

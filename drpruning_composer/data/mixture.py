@@ -245,18 +245,27 @@ class DynamicMixtureDataset(Dataset):
         """New domain weights from the first global index not drawn yet (or `first_index`); see `MixtureSchedule`."""
         return self.schedule.set_weights(weights, first_index)
 
-    def set_weights_on_all_ranks(self, weights: Sequence[float]) -> np.ndarray:
-        """Collective `set_weights`: every rank takes rank 0's weights from the largest draw position over ranks.
+    def set_weights_on_all_ranks(self, weights: Sequence[float], first_index: int | None = None) -> np.ndarray:
+        """Collective `set_weights`: every rank takes rank 0's weights from global index `first_index`, or, if None,
+        from the largest draw position over ranks.
 
         Ranks compute identical updates from synced metrics; the broadcast guards against any drift, and the
-        common first index keeps the global sample sequence identical on all ranks. Returns the weights set.
+        common first index keeps the global sample sequence identical on all ranks. A `first_index` that does not
+        depend on prefetching (`dro_reweight`: samples consumed + a fixed lag) makes the sequence independent of
+        `num_workers`; it must not lie behind what a rank's loader has already drawn (RuntimeError: the samples
+        handed to workers have their domains). Returns the weights set.
         """
         from composer.utils import dist
 
         payload = [[float(x) for x in weights]]
         dist.broadcast_object_list(payload, src=0)
-        first_index = max(int(i) for i in dist.all_gather_object(self.schedule.next_index))
-        self.schedule.set_weights(payload[0], first_index)
+        drawn = max(int(i) for i in dist.all_gather_object(self.schedule.next_index))
+        if first_index is not None and drawn > first_index:
+            raise RuntimeError(f'dynamic_mixture: new weights are due from global sample {first_index}, but the loader '
+                               f'has already drawn up to {drawn} (its workers prefetch further ahead than the lag '
+                               'the run was started with); lower num_workers * prefetch_factor, or start the run '
+                               'with a larger callbacks.dro_reweight.weight_lag_batches')
+        self.schedule.set_weights(payload[0], drawn if first_index is None else first_index)
         return self.schedule.weights
 
     @property

@@ -139,6 +139,12 @@ class DROReweightCallback(Callback):
         history_folder: where `history.csv` (rewritten at every update) and `history.png` go; `{run_name}`
             is substituted.
         plot_interval: redraw the PNG every this many evaluations and at the end of training; 0 disables it.
+        weight_lag_batches: new weights apply to the training samples from this many batches after the evaluation
+            that chose them (from global sample index: samples consumed + lag), so that the sample stream does not
+            depend on how far the loader's workers prefetch. None: the prefetch depth of the run's first start,
+            `num_workers * prefetch_factor` batches (0 without workers: the next batch). Recorded in the checkpoint:
+            a restart keeps it, and may lower `num_workers` / `prefetch_factor` but not raise their product above
+            it (refused at fit start). Set it to the largest product you will use to change them freely.
     """
 
     def __init__(
@@ -164,6 +170,7 @@ class DROReweightCallback(Callback):
         final_num_params: float | None = None,
         history_folder: str = '{run_name}/dro',
         plot_interval: int = 10,
+        weight_lag_batches: int | None = None,
     ) -> None:
         self.domains = list(domains) if isinstance(domains, (list, tuple)) else domains
         if not isinstance(self.domains, list) or not self.domains or len(set(self.domains)) != len(self.domains):
@@ -237,6 +244,11 @@ class DROReweightCallback(Callback):
             raise ValueError(f'`min_fit_points` must be an integer >= 4 (the scaling law has 4 parameters), '
                              f'got {min_fit_points!r}')
         self.reference = DomainReferenceLoss(n, min_points=min_fit_points)
+        if weight_lag_batches is not None and (isinstance(weight_lag_batches, bool) or not isinstance(
+                weight_lag_batches, int) or weight_lag_batches < 0):
+            raise ValueError(f'`weight_lag_batches` must be an integer >= 0 or null, got {weight_lag_batches!r}')
+        self.weight_lag_batches = weight_lag_batches
+        self.weight_lag: int | None = None  # in global samples; fixed at the first start, then from the checkpoint
         self.train_loss = DomainTrainLoss(n, float(ema_decay))
 
         # Filled at fit start from the mixture, or restored from a checkpoint.
@@ -264,6 +276,7 @@ class DROReweightCallback(Callback):
         mixture = self._mixture(state)
         labels = [e.label[len('eval/'):] for e in state.evaluators if e.label.startswith('eval/')]
         check_domains(self.domains, mixture.domains, labels, self.use_train_loss_ema)
+        self._fix_weight_lag(state.train_dataloader)
         if self.initial_ratio is None:
             if self.static_ratio is None or self.update != 'dro':  # `dro` reads a fixed reference_ratio instead
                 check_no_zero_proportion(self.domains, mixture.weights, 'train_loader.dataset.proportions',
@@ -274,6 +287,22 @@ class DROReweightCallback(Callback):
             self.ref_loss = teacher_reference_loss(state, self.domains)
             log.info('dro_reweight: teacher reference loss %s',
                      ', '.join(f'{d} {v:.4f}' for d, v in zip(self.domains, self.ref_loss)))
+
+    def _fix_weight_lag(self, loader: Any) -> None:
+        """Set the lag (global samples) at the first start; refuse a loader that prefetches beyond it."""
+        batch = int(getattr(loader, 'batch_size', None) or 1) * dist.get_world_size()
+        workers = int(getattr(loader, 'num_workers', 0) or 0)
+        prefetch = workers * int(getattr(loader, 'prefetch_factor', None) or 2) if workers else 0
+        if self.weight_lag is None:
+            lag_batches = prefetch if self.weight_lag_batches is None else self.weight_lag_batches
+            self.weight_lag = lag_batches * batch
+        if prefetch * batch > self.weight_lag:
+            raise ValueError(
+                f'callbacks.dro_reweight.weight_lag_batches: the train loader prefetches {prefetch} batches '
+                f'(num_workers={workers} x prefetch_factor), more than the lag of {self.weight_lag // batch} batches '
+                'this run started with: new weights would reach samples already handed to the workers, and the '
+                'sample stream would differ from an uninterrupted run. Restart with num_workers * prefetch_factor <= '
+                f'{self.weight_lag // batch}, or start the run with weight_lag_batches >= {prefetch}')
 
     def fit_start(self, state: State, logger: Logger) -> None:
         # Loaders are attached to the state after Event.INIT, so this is the first point to read them; a resumed run
@@ -375,7 +404,9 @@ class DROReweightCallback(Callback):
             if self.dynamic_ratio and self.update == 'dro' and progress >= self.ratio_after:
                 self.ratio = drift_ratio(self.ratio, new_weights, self.ratio_delta, self.initial_ratio, self.ratio_band)
             if self.update != 'constant':
-                new_weights = mixture.set_weights_on_all_ranks(new_weights)
+                # From a sample index that does not depend on prefetching: the stream is the same for any num_workers.
+                consumed = mixture.epoch_start + int(state.timestamp.sample_in_epoch)
+                new_weights = mixture.set_weights_on_all_ranks(new_weights, first_index=consumed + self.weight_lag)
             self.num_updates += 1
         row['update'] = self.num_updates
         self._record(state, logger, row, new_weights, losses)
@@ -440,6 +471,7 @@ class DROReweightCallback(Callback):
             'num_updates': self.num_updates,
             'predictors': self.reference.state_dict(),
             'rows': [dict(r) for r in self.rows],
+            'weight_lag': self.weight_lag,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -459,3 +491,5 @@ class DROReweightCallback(Callback):
         self.num_updates = int(state['num_updates'])
         self.reference.load_state_dict(state['predictors'])
         self.rows = [dict(r) for r in state['rows']]
+        # Checkpoints written before the lag was recorded: fixed again at fit start from the loader's prefetch depth.
+        self.weight_lag = None if state.get('weight_lag') is None else int(state['weight_lag'])
