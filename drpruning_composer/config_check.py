@@ -377,6 +377,22 @@ def check_dro_proportions(cfg: DictConfig) -> None:
         raise ConfigError(str(e)) from e
 
 
+def check_dro_weight_lag(cfg: DictConfig) -> None:
+    """An explicit `dro_reweight.weight_lag_batches` must cover the train loader's prefetch depth
+    (`num_workers` x `prefetch_factor` batches), as the callback checks at fit start."""
+    dro = (cfg.get('callbacks') or {}).get('dro_reweight')
+    lag = None if dro is None else dro.get('weight_lag_batches')
+    if lag is None or isinstance(lag, bool) or not isinstance(lag, int):
+        return  # unset: the prefetch depth itself; a wrong type is reported with the callback's options
+    loader = cfg.get('train_loader') or {}
+    workers = int(loader.get('num_workers') or 0)
+    prefetch = workers * int(loader.get('prefetch_factor') or 2) if workers else 0
+    if prefetch > lag:
+        raise ConfigError(f'callbacks.dro_reweight.weight_lag_batches: {lag} is less than the train loader\'s '
+                          f'prefetch of {prefetch} batches (num_workers={workers} x prefetch_factor): new weights '
+                          'would reach samples already handed to the workers; set it >= the prefetch')
+
+
 def check_sequence_lengths(cfg: DictConfig) -> None:
     """Each train/eval loader's `dataset.max_seq_len` must match the data drpruning-prepare wrote (its manifest.json
     records the prepared length), for `dynamic_mixture`, `instruct` and `text` loaders over prepared folders.
@@ -452,6 +468,7 @@ def check_config(cfg: DictConfig) -> None:
     check_component_options(cfg)
     check_durations(cfg)
     check_dro_proportions(cfg)
+    check_dro_weight_lag(cfg)
 
 
 def load_and_check(yaml_path: str, overrides: Sequence[str] = ()) -> DictConfig:

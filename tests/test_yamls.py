@@ -125,6 +125,7 @@ def _prune_base(demo: Path) -> list[str]:
     ("callbacks.dro_reweight.history_folder='out/{run}/dro'", 'callbacks.dro_reweight.history_folder'),
     ('callbacks.dro_reweight.reference_ratio=[0.5,0.5]', 'callbacks.dro_reweight.reference_ratio'),
     ('callbacks.dro_reweight.rho_max=1', 'callbacks.dro_reweight.rho_max'),
+    ('callbacks.dro_reweight.weight_lag_batches=-1', 'callbacks.dro_reweight.weight_lag_batches'),
     ('algorithms.l0_mask.eval_mode=hard', 'algorithms.l0_mask.eval_mode'),
     ('algorithms.l0_mask.masks=[layer,wings]', 'algorithms.l0_mask.masks'),
     ('algorithms.l0_mask.target.hidden_dim=8', 'algorithms.l0_mask.target'),
@@ -141,6 +142,16 @@ def test_component_option_errors_fail_before_training(tiny_demo, override, key):
 
     with pytest.raises(ConfigError, match=rf'^{re.escape(key)}: '):
         load_and_check(PRUNE, [*_prune_base(tiny_demo), override])
+
+
+def test_weight_lag_below_the_prefetch_fails_before_training(tiny_demo):
+    from drpruning_composer.config_check import ConfigError
+
+    workers = ['train_loader.num_workers=2', 'train_loader.prefetch_factor=2']
+    with pytest.raises(ConfigError, match=r"^callbacks.dro_reweight.weight_lag_batches: 3 is less than the train "
+                                          r"loader's prefetch of 4 batches"):
+        load_and_check(PRUNE, [*_prune_base(tiny_demo), *workers, 'callbacks.dro_reweight.weight_lag_batches=3'])
+    load_and_check(PRUNE, [*_prune_base(tiny_demo), *workers, 'callbacks.dro_reweight.weight_lag_batches=4'])
 
 
 def test_distill_teacher_with_another_vocabulary_fails_before_training(tiny_demo, tmp_path):
