@@ -23,7 +23,7 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
            str(source), '--out', str(out), '--rules', 'constant', 'dro', '--seeds', '1', '2',
            '--variant', 'dro-source=callbacks.dro_reweight.reference_loss=source eval_first=true',
            *(f'--override={o}' for o in overrides)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / 'results.json').read_text())
     assert set(result['runs']) == {'constant', 'dro', 'dro-source'} and (out / 'results.png').stat().st_size > 0
@@ -51,7 +51,7 @@ def test_distill_overhead_prints_both_steps_and_the_teacher(tmp_path):
 
     cmd = [sys.executable, 'bench/distill_overhead.py', '--hidden', '64', '--layers', '1', '--vocab', '256',
            '--seq-len', '32', '--batch', '2', '--steps', '3', '--warmup-steps', '1', '--device', 'cpu']
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {m.group(1).strip(): m.groups()[1:] for m in
             re.finditer(r'^([^|\n]+)\| ([0-9.]+)\s*\| ([0-9.]+)\s*\| ([0-9.]*)', proc.stdout, re.M)}
@@ -76,7 +76,7 @@ def test_method_quality_instruct_stage_judges_response_loss_per_task(tiny_demo, 
     cmd = [sys.executable, 'bench/method_quality.py', '--quick', '--stage', 'instruct', '--data',
            str(tmp_path / 'instruct_data'), '--source', str(source), '--out', str(out), '--rules', 'constant', 'dro',
            '--seeds', '1']
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / 'results.json').read_text())
     assert result['stage'] == 'instruct' and set(result['source_loss']) == set(TASKS)

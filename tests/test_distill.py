@@ -102,7 +102,7 @@ def _prune(demo, source, save, *extra):
                  'max_duration=4ba', *extra]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
     return subprocess.run(['composer', str(REPO / 'train.py'), str(REPO / 'yamls' / 'demo' / 'prune.yaml'),
-                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_alpha_zero_prunes_bit_identically_and_kd_is_logged(tiny_demo, source, tmp_path):

@@ -308,7 +308,7 @@ def test_llmfoundry_train_tunes_with_dro_and_one_eval_loss_per_task(tiny_demo, t
             f'variables.save_folder={save}', 'max_duration=4ba', 'eval_interval=2ba', 'global_train_batch_size=4',
             'device_train_microbatch_size=4', 'save_interval=4ba', 'console_log_interval=1ba',
             'callbacks.dro_reweight.reference_loss=[1.0,1.0,1.0,1.0]', 'callbacks.dro_reweight.reference_ratio=null']
-    proc = subprocess.run(['llmfoundry', 'train', *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(['llmfoundry', 'train', *args], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

@@ -198,7 +198,7 @@ def test_pruning_run_logs_task_accuracy_per_domain_and_dro_reads_only_the_loss(t
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
     # llm-foundry copies each task file into the working directory: run where that litters nothing.
     proc = subprocess.run(['composer', str(REPO / 'train.py'), prune, *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     for domain in ('c_headers', 'records'):
