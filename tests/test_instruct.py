@@ -287,6 +287,18 @@ def test_ranks_split_one_global_sequence_of_tasks(prepared, tiny_demo):
     assert per_rank[0] == single[0::2] and per_rank[1] == single[1::2]
 
 
+def test_instruct_eval_loader_survives_another_process_taking_its_prefix(prepared, tiny_demo, monkeypatch):
+    from test_mixture_loader import steal_the_next_prefix
+
+    from drpruning_composer.data.instruct import build_instruct_dataloader
+
+    stolen = steal_the_next_prefix(monkeypatch)
+    spec = build_instruct_dataloader(_tokenizer(tiny_demo), 4, {'local': str(prepared / 'add'), 'split': 'val',
+                                                                 'max_seq_len': 64})
+    assert stolen and spec.dataloader.dataset._shm_prefix_int != stolen[0][0]
+    assert next(iter(spec.dataloader))['labels'].shape[0] > 0
+
+
 def test_mixing_instruction_and_token_shards_is_an_error(prepared, tiny_demo, tmp_path):
     import shutil
 

@@ -181,6 +181,113 @@ def test_proportions_are_normalised_with_warning(data_root):
     np.testing.assert_allclose(loader.dataset.weights, [0.5, 0.25, 0.25])
 
 
+def steal_the_next_prefix(monkeypatch):
+    """Force the race of two processes starting loaders at once: right after this process's scan finds the free
+    shared-memory prefix N (once), "another process" registers N, before this one creates `N_locals`."""
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as streaming_prefix
+
+    real = streaming_prefix._check_and_find_retrying
+    stolen = []
+
+    def racing(streams_local, streams_remote, shm_name, retry):
+        n = real(streams_local, streams_remote, shm_name=shm_name, retry=retry)
+        if shm_name == LOCALS and not stolen:
+            data = streaming_prefix._pack_locals(['/another/run/data'], n)
+            try:
+                shm = SharedMemory(streaming_prefix._get_path(n, LOCALS), True, len(data))
+                shm.buf[:len(data)] = data
+            except FileExistsError:  # a real other process (tests running beside these) took N first: the same race
+                shm = None
+            stolen.append((n, shm))
+        return n
+
+    monkeypatch.setattr(streaming_prefix, '_check_and_find_retrying', racing)
+    return stolen
+
+
+def test_another_process_taking_the_same_shared_memory_prefix_is_survived(data_root, monkeypatch):
+    """streaming 0.12.0 alone dies here with FileExistsError: [Errno 17] File exists: '/0000NN_locals'."""
+    import streaming.base.dataset as streaming_dataset_module
+
+    original = streaming_dataset_module.get_shm_prefix
+    stolen = steal_the_next_prefix(monkeypatch)
+    loader = build(data_root)
+    assert stolen and streaming_dataset_module.get_shm_prefix is original  # restored after construction
+    prefixes = [source._shm_prefix_int for source in loader.dataset.sources]
+    assert len(set(prefixes)) == len(DOMAINS) and stolen[0][0] not in prefixes
+    decode(next(iter(loader)))
+
+
+def test_ranks_of_a_node_take_their_leaders_prefix_and_its_errors(tmp_path):
+    """The node's other ranks get the leader's prefix from the all-gather, even when another process registered a
+    prefix after the leader (their own scan would choose another); a leader's error reaches them (no rank waits)."""
+    from streaming.base.world import World
+
+    from drpruning_composer.data.mixture import allocate_prefix, register_prefix
+
+    leader, other = World(1, 2, 1, 0), World(1, 2, 1, 1)
+    local = [str(tmp_path / 'a' / 'train')]
+    sent = []
+    n, shm = allocate_prefix(local, [None], leader, exchange=lambda e: sent.append(e) or [e, (0, False, None, None)])
+    elsewhere, _ = register_prefix([str(tmp_path / 'b' / 'train')], [None])
+    assert elsewhere > n
+    m, attached = allocate_prefix(local, [None], other, exchange=lambda e: [sent[0], e])
+    assert m == n and bytes(attached.buf) == bytes(shm.buf)
+    failed = (0, True, None, 'ValueError: Reused local directory')
+    with pytest.raises(RuntimeError, match='the local leader failed to register a prefix: ValueError: Reused'):
+        allocate_prefix(local, [None], other, exchange=lambda e: [failed, e])
+
+
+TWO_RANKS = '''
+import os, sys
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, tests, root, port):
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', LOCAL_RANK=str(rank),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    sys.path.insert(0, tests)
+    import pytest
+    from test_mixture_loader import DOMAINS, steal_the_next_prefix
+    from drpruning_composer.data.mixture import build_domain_sources
+
+    if rank == 0:  # the local leader loses the race once
+        stolen = steal_the_next_prefix(pytest.MonkeyPatch())
+    sources = build_domain_sources(DOMAINS, local=root, remote=None, split='train', batch_size=4)
+    print('rank', rank, [s._shm_prefix_int for s in sources], [len(s) for s in sources], flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    mp.spawn(run, args=tuple(sys.argv[1:]), nprocs=2)
+'''
+
+
+def test_two_ranks_build_the_same_datasets_when_the_leader_loses_the_race(data_root, tmp_path):
+    """Construction stays collective: with 2 ranks on one node (gloo) and the local leader's first prefix taken by
+    another process, both ranks finish (no barrier left waiting) with the same prefixes."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / 'two_ranks.py').write_text(TWO_RANKS)
+    proc = subprocess.run([sys.executable, str(tmp_path / 'two_ranks.py'), str(Path(__file__).parent), str(data_root),
+                           port], capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = dict(re.findall(r'^rank (\d) (\[.*\] \[.*\])$', proc.stdout, re.M))
+    assert set(ranks) == {'0', '1'} and ranks['0'] == ranks['1'], proc.stdout
+
+
 def test_stream_does_not_depend_on_num_workers_when_weights_change_at_consumed_plus_lag(data_root):
     """Issue 20, item 10: new weights take effect at (samples consumed + a fixed lag), as `dro_reweight` sets them,
     not at the sampler's draw position (which runs ahead by the workers' prefetch): an uninterrupted run and runs

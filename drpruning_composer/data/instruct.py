@@ -428,7 +428,10 @@ def build_instruct_dataloader(
     local, split = config.pop('local'), config.pop('split', 'val')
     config.setdefault('shuffle', False)
 
-    rows = InstructRows(max_seq_len, local=local, split=split, batch_size=int(device_batch_size), **config)
+    from drpruning_composer.data.mixture import streaming_dataset  # no shared-memory prefix race
+
+    rows = streaming_dataset(InstructRows, max_seq_len=max_seq_len, local=local, split=split,
+                             batch_size=int(device_batch_size), **config)
     loader = DataLoader(rows, batch_size=int(device_batch_size), collate_fn=ResponseCollator(pad_token_id(tokenizer)),
                         drop_last=drop_last, num_workers=num_workers, pin_memory=pin_memory,
                         prefetch_factor=prefetch_factor if num_workers > 0 else None,

@@ -12,9 +12,13 @@ weights reach loaders with `num_workers > 0`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -339,6 +343,130 @@ class DomainCollator:
         return batch
 
 
+# --- StreamingDataset construction without the shared-memory prefix race -----------------------------------------
+#
+# mosaicml-streaming 0.12.0 gives each StreamingDataset a number N that prefixes its shared memory (`/0000NN_locals`,
+# ...): every rank scans the existing names for the first free N (`get_shm_prefix`), then the node's local leader
+# creates `N_locals`. Two processes that scan at the same moment (two runs starting on one machine) choose the same
+# N and the second create fails: `FileExistsError: [Errno 17] File exists: '/0000NN_locals'`. A non-leader rank
+# whose scan runs while another process registers a prefix may also choose another N than its leader, and fail.
+# Retrying the whole construction is not safe with several ranks (the others wait in streaming's barriers), so the
+# allocation itself is replaced while this project builds a dataset: the leader scans and creates `N_locals`
+# exclusively, scanning again when another process took N first; the node's other ranks take the leader's N from
+# one all-gather instead of scanning, and an error of the leader reaches them through it (no rank left waiting).
+
+PREFIX_ATTEMPTS = 200
+_PREFIX_HOOK_LOCK = threading.RLock()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` (torch.distributed when initialised, else just this process's)."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        out: list[Any] = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def register_prefix(streams_local: list[str], streams_remote: list[str | None], retry: int = 100,
+                    attempts: int = PREFIX_ATTEMPTS) -> tuple[int, Any]:
+    """Local leader: the first free prefix N, with `N_locals` created exclusively and holding `streams_local`.
+
+    When another process creates `N_locals` between the scan and the create (FileExistsError), scans again, up to
+    `attempts` times with a short random pause. Returns (N, streaming SharedMemory). Raises ValueError for a local
+    folder another running dataset downloads into (streaming's own check), FileExistsError after `attempts` losses.
+    """
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as streaming_prefix
+
+    for _ in range(attempts):
+        prefix_int = max(streaming_prefix._check_and_find_retrying(streams_local, streams_remote, shm_name=name,
+                                                                   retry=retry) for name in SHM_TO_CLEAN)
+        data = streaming_prefix._pack_locals(streams_local, prefix_int)
+        try:
+            shm = SharedMemory(streaming_prefix._get_path(prefix_int, LOCALS), True, len(data))
+        except FileExistsError:  # another process registered prefix_int after our scan
+            time.sleep(random.uniform(0.001, 0.05))
+            continue
+        shm.buf[:len(data)] = data
+        return prefix_int, shm
+    raise FileExistsError(f'mosaicml-streaming shared memory: lost the race for a free prefix {attempts} times in a '
+                          'row (many datasets starting at once on this machine?)')
+
+
+def allocate_prefix(streams_local: list[str], streams_remote: list[str | None], world: Any, retry: int = 100,
+                    exchange: Callable[[Any], list[Any]] = _all_gather) -> tuple[int, Any]:
+    """Drop-in for streaming's `get_shm_prefix(streams_local, streams_remote, world)`, without its races.
+
+    `world`: streaming's World of this rank. Every rank calls it once per dataset (construction is collective):
+    the local leader registers a prefix (`register_prefix`), then `exchange` (an all-gather over ranks) gives every
+    rank its node leader's prefix or error; the other ranks attach to the leader's `N_locals` and check it. A leader's
+    error is raised on the leader, and as RuntimeError on its node's other ranks. Returns (N, SharedMemory).
+    """
+    from streaming.base.constant import LOCALS
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared import prefix as streaming_prefix
+
+    streaming_prefix._check_self(streams_local)
+    prefix_int, shm, error = None, None, None
+    if world.is_local_leader:
+        try:
+            prefix_int, shm = register_prefix(streams_local, streams_remote, retry)
+        except Exception as e:  # noqa: BLE001 -- sent to the node's other ranks, then raised
+            error = e
+    entries = exchange((world.node, bool(world.is_local_leader), prefix_int,
+                        None if error is None else f'{type(error).__name__}: {error}'))
+    if error is not None:
+        raise error
+    if world.is_local_leader:
+        return prefix_int, shm
+    leader = [e for e in entries if e[0] == world.node and e[1]]
+    if len(leader) != 1:
+        raise RuntimeError(f'mosaicml-streaming shared memory: node {world.node} has {len(leader)} local leaders')
+    _, _, prefix_int, leader_error = leader[0]
+    if leader_error is not None:
+        raise RuntimeError(f'mosaicml-streaming shared memory: the local leader failed to register a prefix: '
+                           f'{leader_error}')
+    shm = SharedMemory(streaming_prefix._get_path(prefix_int, LOCALS), False)
+    their_locals, their_prefix = streaming_prefix._unpack_locals(bytes(shm.buf))
+    if their_locals != streams_local or their_prefix != prefix_int:
+        raise RuntimeError(f'mosaicml-streaming shared memory: prefix {prefix_int} of the local leader holds '
+                           f'{their_locals}, not this rank\'s {streams_local} (different `local` on different ranks?)')
+    return prefix_int, shm
+
+
+@contextlib.contextmanager
+def race_free_prefixes() -> Iterator[None]:
+    """While open, StreamingDatasets built in this process allocate their shared-memory prefix with
+    `allocate_prefix` (streaming's module attribute is swapped, then restored; nothing installed is changed)."""
+    import streaming.base.dataset as streaming_dataset_module
+
+    if not callable(getattr(streaming_dataset_module, 'get_shm_prefix', None)):
+        raise RuntimeError('mosaicml-streaming changed: streaming.base.dataset.get_shm_prefix is gone (this project '
+                           'pins mosaicml-streaming==0.12.0)')
+    with _PREFIX_HOOK_LOCK:
+        original = streaming_dataset_module.get_shm_prefix
+        streaming_dataset_module.get_shm_prefix = allocate_prefix
+        try:
+            yield
+        finally:
+            streaming_dataset_module.get_shm_prefix = original
+
+
+def streaming_dataset(cls: type | None = None, **kwargs: Any) -> Any:
+    """`cls(**kwargs)` (default: streaming's StreamingDataset, or a subclass) built under `race_free_prefixes`.
+
+    Collective like StreamingDataset itself: every rank builds the same datasets in the same order.
+    """
+    if cls is None:
+        from streaming import StreamingDataset as cls
+    with race_free_prefixes():
+        return cls(**kwargs)
+
+
 def _domain_split_path(root: str, domain: str, split: str | None) -> str:
     return os.path.join(root, domain, split) if split else os.path.join(root, domain)
 
@@ -351,9 +479,8 @@ def build_domain_sources(
     batch_size: int,
     **streaming_kwargs: Any,
 ) -> list[Any]:
-    """One StreamingDataset per domain over `{root}/{domain}/{split}` (collective: same order on every rank)."""
-    from streaming import StreamingDataset
-
+    """One StreamingDataset per domain over `{root}/{domain}/{split}` (collective: same order on every rank), each built
+    with `streaming_dataset` (no shared-memory prefix race with other processes)."""
     sources = []
     for domain in domains:
         local_dir = _domain_split_path(local, domain, split)
@@ -361,7 +488,8 @@ def build_domain_sources(
         if remote_dir is None and not os.path.isfile(os.path.join(local_dir, 'index.json')):
             raise ValueError(f'dataset.domains: no MDS data for domain {domain!r} at {local_dir!r} (missing index.json)')
         sources.append(
-            StreamingDataset(local=local_dir, remote=remote_dir, shuffle=False, batch_size=batch_size, **streaming_kwargs),
+            streaming_dataset(local=local_dir, remote=remote_dir, shuffle=False, batch_size=batch_size,
+                              **streaming_kwargs),
         )
     return sources
 
