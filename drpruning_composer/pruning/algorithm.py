@@ -5,7 +5,9 @@ adds the Lagrangian to the loss, logs the expected size, and exports the pruned 
 """
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -21,12 +23,18 @@ from drpruning_composer.pruning.attach import attach_masks, bias_layout, check_s
 from drpruning_composer.pruning.export import SOURCE, export_pruned_model, read_tokenizer_files
 from drpruning_composer.pruning.export import export_dtype as parse_export_dtype
 from drpruning_composer.pruning.export import source_generation_config, source_torch_dtype
+from drpruning_composer.pruning.importance import ImportanceCollector, importance_log_alpha
 from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
 from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
                                                   expected_non_embedding_params, required_masks, resolve_target)
 
 
 CONSTRAINTS = ('per_layer', 'global')
+INITS = ('uniform', 'importance')
+# The hard finish warns when the expected size is this far above the target (relative): the cut would be abrupt.
+SIZE_GAP_WARNING = 0.10
+
+log = logging.getLogger(__name__)
 
 
 def _parse_time(key: str, value: str) -> Time:
@@ -34,6 +42,22 @@ def _parse_time(key: str, value: str) -> Time:
         return Time.from_timestring(value)
     except ValueError as e:
         raise ValueError(f'l0_mask.{key}: {e}') from e
+
+
+def _assign_parameters(model: torch.nn.Module, values: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
+    """Copy full-size values into parameters that FSDP may shard (FSDP1: through its full parameters; FSDP2:
+    each rank keeps its shard of the value)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    fsdp1 = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+    context = FullyShardedDataParallel.summon_full_params(model, writeback=True) if fsdp1 else nullcontext()
+    with context, torch.no_grad():
+        for param, value in values.items():
+            if isinstance(param, DTensor):
+                param.copy_(distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements))
+            else:
+                param.copy_(value.to(param.device, param.dtype))
 
 
 def _find_hf_model(model: torch.nn.Module) -> tuple[str, PreTrainedModel]:
@@ -65,12 +89,18 @@ class L0MaskAlgorithm(Algorithm):
             '0ba' turns it off (`bench/export_fidelity.py` measures the difference).
         constraint: 'per_layer' (the quadratic penalty averages (s - t)^2 over the rows the export's top-k acts on:
             each layer's heads and MLP channels, each KV group's query heads) or 'global' ((mean s - t)^2).
+        init: 'uniform' (every mask logit starts at init_log_alpha; the Lagrangian shrinks the model gradually from
+            the source size) or 'importance' (the first `importance_batches` training batches measure each unit's
+            activation importance, masks frozen; then the units the target keeps by importance get +init_log_alpha
+            and the others -init_log_alpha: training continues from the one-shot pruned model and the masks refine
+            it; the target sparsity is then the final one, so lagrangian_warmup has no effect).
+        importance_batches: calibration batches of 'importance' (they also train the weights as usual).
     """
 
     def __init__(self, target: dict[str, int], masks: Sequence[str] | None = None, lagrangian_warmup: str = '0ba',
                  mask_lr: float = 0.1, lagrangian_lr: float = 0.1, eval_mode: str = 'soft',
                  export_dir: str | None = None, init_log_alpha: float = 5.0, hard_finish: str = '0.2dur',
-                 constraint: str = 'per_layer', export_dtype: str = SOURCE):
+                 constraint: str = 'per_layer', export_dtype: str = SOURCE, init: str = 'uniform', importance_batches: int = 8):
         check_target_fields(target)
         if masks is not None:
             unknown = sorted(set(masks) - set(MASK_TYPES))
@@ -81,6 +111,10 @@ class L0MaskAlgorithm(Algorithm):
         if constraint not in CONSTRAINTS:
             raise ValueError(f'l0_mask.constraint must be one of {CONSTRAINTS}, got {constraint!r}')
         parse_export_dtype(export_dtype, key='l0_mask.export_dtype')
+        if init not in INITS:
+            raise ValueError(f'l0_mask.init must be one of {INITS}, got {init!r}')
+        if not isinstance(importance_batches, int) or isinstance(importance_batches, bool) or importance_batches < 1:
+            raise ValueError(f'l0_mask.importance_batches must be a positive integer, got {importance_batches!r}')
         self.warmup = _parse_time('lagrangian_warmup', lagrangian_warmup)
         self.hard_finish = _parse_time('hard_finish', hard_finish)
         if self.hard_finish.unit not in (TimeUnit.BATCH, TimeUnit.SAMPLE, TimeUnit.TOKEN, TimeUnit.DURATION):
@@ -91,8 +125,11 @@ class L0MaskAlgorithm(Algorithm):
             'target': dict(target), 'masks': None if masks is None else list(masks),
             'lagrangian_warmup': lagrangian_warmup, 'mask_lr': mask_lr, 'lagrangian_lr': lagrangian_lr,
             'eval_mode': eval_mode, 'export_dir': export_dir, 'init_log_alpha': init_log_alpha,
-            'hard_finish': hard_finish, 'constraint': constraint, 'export_dtype': export_dtype,
+            'hard_finish': hard_finish, 'constraint': constraint, 'export_dtype': export_dtype, 'init': init,
+            'importance_batches': importance_batches,
         }
+        self.collector: ImportanceCollector | None = None
+        self._hard_finish_announced = False
         self._mask_groups: tuple[int, int] | None = None
         self.masks: L0Masks | None = None
         self.source_config: dict[str, Any] | None = None
@@ -112,18 +149,28 @@ class L0MaskAlgorithm(Algorithm):
             # validates the schedule against max_duration and the loader before the first batch
             self.check_schedule(state.max_duration, endless_loader=state.dataloader_len is None)
         elif event == Event.BEFORE_TRAIN_BATCH:
+            calibrated_now = self.calibrating and int(state.timestamp.batch) >= self.hparams['importance_batches']
+            if calibrated_now:
+                self.finish_calibration(state, logger)
             self.masks.warmup_progress.fill_(self._warmup_progress(state))
             self.masks.key_noise(state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch))
-            self.masks.hard = self._in_hard_finish(state)
-            if self.masks.hard:  # freeze masks and multipliers (the scheduler resets lr after each step)
+            hard = self._in_hard_finish(state)
+            # (masks set from importance this very batch are at the target; the last forward's size is stale)
+            if hard and not self.masks.hard and not self._hard_finish_announced and not calibrated_now:
+                self._check_size_before_cut(state, logger)
+            self.masks.hard = hard
+            if self.masks.hard or self.calibrating:  # freeze masks and multipliers (the scheduler resets lr)
                 for index in self._mask_groups:
                     state.optimizers[0].param_groups[index]['lr'] = 0.0
         elif event == Event.AFTER_LOSS:
             self._add_lagrangian(state)
         elif event == Event.AFTER_TRAIN_BATCH:
             logger.log_metrics(self.masks.metrics())
-        elif event == Event.FIT_END and self.hparams['export_dir']:
-            self.export(state)
+        elif event == Event.FIT_END:
+            if self.calibrating:  # a run no longer than its calibration: one-shot pruning by importance
+                self.finish_calibration(state, logger)
+            if self.hparams['export_dir']:
+                self.export(state)
 
     def resolve(self, source_config: Any) -> tuple[ModelShape, ModelShape, list[str]]:
         """Validate against a source Hugging Face config (object or dict) without a model.
@@ -153,6 +200,8 @@ class L0MaskAlgorithm(Algorithm):
                              self.hparams['eval_mode'], device=device,
                              per_row_constraint=self.hparams['constraint'] == 'per_layer')
         attach_masks(hf_model, self.masks)
+        if self.hparams['init'] == 'importance':
+            self.collector = ImportanceCollector(hf_model, source)
         self.source_config = json.loads(hf_model.config.to_json_string(use_diff=False))
         # What the export carries from the source folder, recorded now so that `drpruning-export` of a checkpoint
         # needs no source folder: its generation config, its tokenizer files, and its dtype (the loaded config says
@@ -171,8 +220,49 @@ class L0MaskAlgorithm(Algorithm):
             'params': [*self.masks.lambda_1.parameters(), *self.masks.lambda_2.parameters()],
             'lr': self.hparams['lagrangian_lr'], 'initial_lr': self.hparams['lagrangian_lr'], 'weight_decay': 0.0})
 
+    @property
+    def calibrating(self) -> bool:
+        """True while `init: importance` is still measuring importance (its masks are frozen, all on)."""
+        return self.collector is not None
+
+    def finish_calibration(self, state: State, logger: Logger) -> None:
+        """Sum the importance over ranks, set every mask logit from it, and reset the masks' optimizer state."""
+        collector, self.collector = self.collector, None
+        collector.remove()
+        for tensor in (*collector.sums.values(), collector.tokens):
+            dist.all_reduce(tensor, reduce_operation='SUM')
+        values = importance_log_alpha(collector.scores(), self.masks.active, self.masks.target,
+                                      self.hparams['init_log_alpha'])
+        _assign_parameters(state.model, {self.masks.log_alpha[name]: value for name, value in values.items()})
+        optimizer = state.optimizers[0]
+        for index in self._mask_groups:
+            for param in optimizer.param_groups[index]['params']:
+                optimizer.state.pop(param, None)
+        kept = {name: float((value > 0).float().mean()) for name, value in values.items()}
+        log.info('l0_mask: masks initialised from the importance of %d calibration tokens; kept fraction per mask '
+                 'type: %s', int(collector.tokens), kept)
+        logger.log_metrics({'l0/importance_tokens': float(collector.tokens)})
+
+    def _check_size_before_cut(self, state: State, logger: Logger) -> None:
+        """Warn when the hard finish starts far above the target size: its exact masks then cut the rest at once."""
+        self._hard_finish_announced = True
+        expected, target = self.expected_num_params(), self.target_num_params()
+        if expected is None or not target:
+            return
+        gap = expected / target - 1.0
+        logger.log_metrics({'l0/size_gap_at_hard_finish': gap})
+        if gap > SIZE_GAP_WARNING:
+            log.warning(
+                'l0_mask: the hard finish starts at batch %d with an expected size of %.4gM non-embedding parameters, '
+                '%.0f%% above the target (%.4gM): its exact target masks cut the rest at once, which can wreck the '
+                'model. The masks did not converge in time: use init: importance, or a longer run, a shorter '
+                'lagrangian_warmup, or a higher mask_lr / lagrangian_lr.',
+                int(state.timestamp.batch), expected / 1e6, 100 * gap, target / 1e6)
+
     def _warmup_progress(self, state: State) -> float:
-        if self.warmup.value == 0:
+        if self.calibrating:
+            return 0.0
+        if self.warmup.value == 0 or self.hparams['init'] == 'importance':
             return 1.0
         if self.warmup.unit == TimeUnit.DURATION:
             elapsed = state.get_elapsed_duration()
@@ -255,15 +345,18 @@ class L0MaskAlgorithm(Algorithm):
         dist.barrier()
 
     def state_dict(self) -> dict[str, Any]:
-        """Hyperparameters and source config (primitives only), enough for `drpruning-export` to run alone."""
+        """Hyperparameters and source config (primitives only), enough for `drpruning-export` to run alone; during
+        `init: importance` calibration also the running importance sums (tensors)."""
         return {'hparams': dict(self.hparams), 'source_config': self.source_config, 'model_prefix': self.model_prefix,
                 'source_folder': self.source_folder, 'generation_config': self.generation_config,
-                'tokenizer_files': dict(self.tokenizer_files)}
+                'tokenizer_files': dict(self.tokenizer_files),
+                'importance': None if self.collector is None else self.collector.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check that the run resumes with the same target and schedule; mask state itself lives in the model."""
-        defaults = {'hard_finish': '0ba', 'constraint': 'global'}  # checkpoints written before these options
-        for key in ('target', 'masks', 'hard_finish', 'constraint'):
+        # checkpoints written before these options
+        defaults = {'hard_finish': '0ba', 'constraint': 'global', 'init': 'uniform', 'importance_batches': 8}
+        for key in ('target', 'masks', 'hard_finish', 'constraint', 'init', 'importance_batches'):
             saved = state['hparams'].get(key, defaults.get(key))
             if saved != self.hparams[key]:
                 raise ValueError(f'l0_mask.{key}={self.hparams[key]!r} differs from the checkpoint ({saved!r})')
@@ -272,3 +365,9 @@ class L0MaskAlgorithm(Algorithm):
             self.source_folder = state.get('source_folder')
             self.generation_config = state['generation_config']
             self.tokenizer_files = dict(state.get('tokenizer_files') or {})
+        if self.collector is not None:  # Composer loads checkpoints after INIT, which started a calibration
+            if state.get('importance') is None:  # it had ended before this checkpoint: the masks hold its result
+                self.collector.remove()
+                self.collector = None
+            else:
+                self.collector.load_state_dict(state['importance'])
