@@ -398,10 +398,13 @@ def check_sequence_lengths(cfg: DictConfig) -> None:
     records the prepared length), for `dynamic_mixture`, `instruct` and `text` loaders over prepared folders.
 
     Token rows are exactly the prepared length: a shorter max_seq_len would train on the first part of every row
-    only, a longer one pads every row (and `dynamic_mixture` fails at its first batch). Instruction rows are at most
-    the prepared length: a shorter max_seq_len fails at the first longer row, a longer one is harmless. Folders
-    without a manifest (other data, remote data) are not checked. Raises ConfigError naming the key.
+    only (ConfigError); a longer one pads every row of a `text` loader and stops `dynamic_mixture` at its first batch
+    (a UserWarning naming the key). Instruction rows are at most the prepared length: a shorter max_seq_len fails at
+    the first longer row (ConfigError), a longer one is harmless. Folders without a manifest (other data, remote
+    data) are not checked. Raises ConfigError naming the key.
     """
+    import warnings
+
     def folders(loader: Any) -> Iterator[str]:
         dataset = loader.get('dataset')
         split = dataset.get('split')
@@ -452,9 +455,10 @@ def check_sequence_lengths(cfg: DictConfig) -> None:
                 raise ConfigError(f'{key}.dataset.max_seq_len: {length} is shorter than the prepared rows of {folder} '
                                   f'({manifest_path} records max_seq_len={prepared}): {what}. {fix}')
             if length > prepared and not instruct:
-                raise ConfigError(f'{key}.dataset.max_seq_len: {length} is longer than the prepared rows of {folder} '
-                                  f'({manifest_path} records max_seq_len={prepared}): every row would be padded '
-                                  f'(dynamic_mixture stops at its first batch). {fix}')
+                warnings.warn(f'{key}.dataset.max_seq_len: {length} is longer than the prepared rows of {folder} '
+                              f'({manifest_path} records max_seq_len={prepared}): every row would be padded '
+                              f'(dynamic_mixture stops at its first batch). {fix}')
+                break  # one warning per loader
 
 
 def check_config(cfg: DictConfig) -> None:

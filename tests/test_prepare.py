@@ -174,8 +174,8 @@ def test_special_token_strings_in_documents_stay_text(tiny_demo, tmp_path):
 
 def test_max_seq_len_must_match_the_prepared_rows(tiny_demo, tmp_path):
     """The pre-flight check compares every loader's max_seq_len with the length the manifest records: dynamic_mixture
-    and text loaders over token rows (shorter or longer is an error), instruct and dynamic_mixture over instruction
-    rows (shorter is an error), each naming the key, both lengths and how to fix it."""
+    and text loaders over token rows (shorter is an error, longer a warning), instruct and dynamic_mixture over
+    instruction rows (shorter is an error), each naming the key, both lengths and how to fix it."""
     from omegaconf import OmegaConf as om
 
     from conftest import REPO, tiny_prune_overrides
@@ -184,12 +184,13 @@ def test_max_seq_len_must_match_the_prepared_rows(tiny_demo, tmp_path):
     prune = str(REPO / 'yamls' / 'demo' / 'prune.yaml')
     overrides = tiny_prune_overrides(tiny_demo, tmp_path / 'run')  # the tiny demo's rows are 64 tokens
     load_and_check(prune, overrides)
-    for length in (32, 128):
-        with pytest.raises(ConfigError, match=rf'^train_loader\.dataset\.max_seq_len: {length} is '
-                                              rf'(shorter|longer) than the prepared rows .*max_seq_len=64.*'
-                                              rf'Set train_loader\.dataset\.max_seq_len=64, or prepare the data '
-                                              rf'again with drpruning-prepare --max-seq-len {length}'):
-            load_and_check(prune, [*overrides, f'variables.max_seq_len={length}'])
+    with pytest.raises(ConfigError, match=r'^train_loader\.dataset\.max_seq_len: 32 is shorter than the prepared '
+                                          r'rows .*max_seq_len=64.*first 32 tokens of every 64-token row.*'
+                                          r'Set train_loader\.dataset\.max_seq_len=64, or prepare the data '
+                                          r'again with drpruning-prepare --max-seq-len 32'):
+        load_and_check(prune, [*overrides, 'variables.max_seq_len=32'])
+    with pytest.warns(UserWarning, match=r'^train_loader\.dataset\.max_seq_len: 128 is longer than the prepared rows'):
+        load_and_check(prune, [*overrides, 'variables.max_seq_len=128'])
 
     cfg = load_and_check(prune, overrides)
     cfg.eval_loader[2].dataset.max_seq_len = 32  # an llm-foundry `text` eval loader
