@@ -55,7 +55,12 @@ def main(argv: list[str]) -> int:
         _prepare_resume(cfg)
     from llmfoundry.command_utils import train_from_yaml
 
-    train_from_yaml(yaml_path, overrides)
+    from drpruning_composer.data.mixture import race_free_prefixes
+
+    # Every StreamingDataset of the run (llm-foundry's own eval loaders too) takes its shared-memory prefix without
+    # racing other runs that start on the same machine at the same moment.
+    with race_free_prefixes():
+        train_from_yaml(yaml_path, overrides)
     return 0
 
 
