@@ -104,7 +104,8 @@ def test_demo_yaml_documents_a_distillation_override_that_passes_preflight(tiny_
     for folder in ('runs/source/huggingface/model', 'runs/prune-dro/pruned_hf'):
         model.save_pretrained(demo / folder)
         AutoTokenizer.from_pretrained(tiny_demo / 'tiny_llama').save_pretrained(demo / folder)
-    cfg = load_and_check(str(REPO / 'yamls' / 'demo' / name), [f'variables.demo={demo}', *overrides])
+    cfg = load_and_check(str(REPO / 'yamls' / 'demo' / name), [f'variables.demo={demo}', 'variables.max_seq_len=64',
+                                                                  *overrides])
     distill = DistillationAlgorithm(**om.to_container(cfg.algorithms.distill))
     assert distill.alpha == 0.5 and cfg.callbacks.dro_reweight.reference_loss == 'teacher'
     assert (distill.teacher_path or cfg.model.pretrained_model_name_or_path) == str(
