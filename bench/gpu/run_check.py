@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def run_all(args: argparse.Namespace) -> dict:
     """Every selected stage in order; the report is rewritten to OUT/gpu_check.json after each one."""
     mode = 'dry-run' if args.dry_run else 'gpu'
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix='gpu_check_'))
+    work = Path(args.work or tempfile.mkdtemp(prefix='gpu_check_'))  # a temporary one is removed at the end
     work.mkdir(parents=True, exist_ok=True)
     log, path = args.out / 'gpu_check.log', args.out / 'gpu_check.json'
     log.write_text(f'gpu_check {mode} {now()} work={work}\n')
@@ -179,6 +180,8 @@ def run_all(args: argparse.Namespace) -> dict:
     report['finished'] = now()
     report['wall_s'] = round(time.perf_counter() - start, 1)
     write_json(report, path)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 
