@@ -384,8 +384,8 @@ def stage_step_timing(ctx: Context, figures: dict[str, Any]) -> None:
             'step_time': figures[name]['step_s'] / figures['plain']['step_s'],
             'step_peak_memory': finite(figures[name]['step_peak_memory_gib'] / figures['plain']['step_peak_memory_gib'])
             if figures['plain']['step_peak_memory_gib'] > 0 else None}
-    if gpu:
-        figures['max_memory_allocated_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+    if gpu:  # what stays resident: three models with their optimizer states, and the teacher
+        figures['resident_memory_gib'] = torch.cuda.memory_allocated() / 2 ** 30
 
 
 def stage_export_equivalence(ctx: Context, figures: dict[str, Any]) -> None:
