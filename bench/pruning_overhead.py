@@ -4,10 +4,15 @@
 2. Forward tokens/s of the exported pruned model vs the source, next to their non-embedding parameter ratio.
 
 Defaults are a small random Llama that runs on CPU in about a minute; flags select bigger shapes, e.g.
-`python bench/pruning_overhead.py --hidden 1024 --layers 8 --heads 16 --kv-heads 4 --intermediate 2816`.
+`python bench/pruning_overhead.py --hidden 1024 --layers 8 --heads 16 --kv-heads 4 --intermediate 2816`, or the
+shape of a Hugging Face folder (random weights: speed does not depend on them), e.g. the real model's:
+`python bench/pruning_overhead.py --config demo_real/source --target-layers 20 --target-hidden 448 --target-heads 6
+--target-kv-heads 3 --target-intermediate 1024 --batch 4 --seq 256`. Also the peak memory of a training step above
+what was held when it began (CPU: peak resident set size; see bench/distill_overhead.py).
 """
 
 import argparse
+import ctypes
 import os
 import statistics
 import tempfile
@@ -21,7 +26,7 @@ from composer.loggers import Logger
 from composer.optim import DecoupledAdamW
 from llmfoundry.models.hf import ComposerHFCausalLM
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from drpruning_composer import L0MaskAlgorithm
 
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument('--target-hidden', type=int, help='default: 3/4 of hidden')
     parser.add_argument('--target-kv-heads', type=int, help='default: half the KV heads (group size kept)')
     parser.add_argument('--target-intermediate', type=int, help='default: half the intermediate size')
+    parser.add_argument('--target-heads', type=int, help='default: the target KV heads x the source group size')
+    parser.add_argument('--config', help='Hugging Face folder whose config.json gives the source shape (and vocab)')
     parser.add_argument('--seq', type=int, default=128)
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--steps', type=int, default=12, help='training steps per run')
@@ -125,23 +132,37 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args.config:
+        config = AutoConfig.from_pretrained(args.config)
+        config.max_position_embeddings = max(args.seq, config.max_position_embeddings)
+        args.vocab, args.hidden, args.layers = config.vocab_size, config.hidden_size, config.num_hidden_layers
+        args.heads, args.kv_heads, args.intermediate = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.intermediate_size)
+        config.torch_dtype = torch.float32
+    else:
+        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                             intermediate_size=args.intermediate, max_position_embeddings=args.seq)
     group = args.heads // args.kv_heads
     kv_heads = args.target_kv_heads or max(1, args.kv_heads // 2)
     target = dict(num_hidden_layers=args.target_layers or max(1, 3 * args.layers // 4),
                   hidden_size=args.target_hidden or 3 * args.hidden // 4,
-                  num_attention_heads=kv_heads * group, num_key_value_heads=kv_heads,
+                  num_attention_heads=args.target_heads or kv_heads * group, num_key_value_heads=kv_heads,
                   intermediate_size=args.target_intermediate or args.intermediate // 2)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                         intermediate_size=args.intermediate, max_position_embeddings=args.seq)
+    from distill_overhead import M_MMAP_THRESHOLD, MIB, PeakMemory  # it imports this module's helpers
+
+    ctypes.CDLL('libc.so.6').mallopt(M_MMAP_THRESHOLD, 1 << 16)  # freed memory leaves the RSS (PeakMemory)
 
     with tempfile.TemporaryDirectory() as tmp:
         source_dir, export_dir = str(Path(tmp) / 'source'), str(Path(tmp) / 'pruned')
         config.save_pretrained(source_dir)
-        plain, masked = _train_step_seconds([
-            _trainer(source_dir, args, None),
-            _trainer(source_dir, args, L0MaskAlgorithm(target=target, export_dir=export_dir)),
-        ], args)
+        trainers = [_trainer(source_dir, args, None),
+                    _trainer(source_dir, args, L0MaskAlgorithm(target=target, export_dir=export_dir))]
+        memories = [PeakMemory(cuda=False) for _ in trainers]
+        for (trainer, _), memory in zip(trainers, memories):
+            trainer.state.callbacks.append(memory)
+        plain, masked = _train_step_seconds(trainers, args)
+        plain_mem, masked_mem = (max(m.peaks[args.warmup_steps:]) / MIB for m in memories)
         torch.manual_seed(0)
         source = AutoModelForCausalLM.from_config(config, attn_implementation='sdpa')
         pruned = AutoModelForCausalLM.from_pretrained(export_dir, attn_implementation='sdpa')
@@ -155,6 +176,8 @@ def main() -> None:
         (f'train step ({args.clock} s/batch)', f'{plain:.4f}', f'{masked:.4f}', f'{masked / plain:.3f}'),
         (f'forward (tokens/{args.clock} s)', f'{source_tps:.0f}', f'{pruned_tps:.0f}',
          f'{pruned_tps / source_tps:.3f}'),
+        ('train step peak memory above its start (MiB)', f'{plain_mem:.1f}', f'{masked_mem:.1f}',
+         f'{masked_mem / plain_mem:.3f}'),
         ('non-embedding params', f'{source_params}', f'{pruned_params}', f'{pruned_params / source_params:.3f}'),
     ]
     print_table(('metric', 'plain / source', 'masked / pruned', 'ratio'), rows)

@@ -11,7 +11,7 @@ per-domain loss, mean, worst, mean excess over the source, and greedy continuati
 
 ``python bench/real_model_init.py --demo demo_real --variants oneshot importance-100 uniform-100``
 (the demo folder's source and data stages are built if absent; results in ``--out``/results.json, reused with
-``--reuse``).
+``--reuse``; ``--max-samples N`` judges on the first N val sequences per domain, for a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--variants', nargs='+', default=['oneshot', 'importance-100', 'uniform-100'])
     p.add_argument('--set', action='append', default=[], dest='extra', metavar='KEY=VALUE')
     p.add_argument('--reuse', action='store_true', help='keep the results of variants already in results.json')
+    p.add_argument('--max-samples', type=int, default=None,
+                   help='judge on the first N val sequences per domain (default: whole splits)')
     args = p.parse_args(argv)
     demo, out = args.demo.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -78,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     path = out / 'results.json'
     results = json.loads(path.read_text()) if args.reuse and path.is_file() else {}
     if 'source' not in results:
-        row = evaluate([str(demo / 'source')], str(demo / 'data'))[0]
+        row = evaluate([str(demo / 'source')], str(demo / 'data'), max_samples=args.max_samples)[0]
         results['source'] = {**row, 'continuations': greedy_continuations(demo / 'source', PROMPTS)}
         path.write_text(json.dumps(results, indent=2) + '\n')
     for variant in args.variants:
         if variant in results:
             continue
         export = run_variant(demo, out, variant, args.extra)
-        row = evaluate([str(export)], str(demo / 'data'))[0]
+        row = evaluate([str(export)], str(demo / 'data'), max_samples=args.max_samples)[0]
         results[variant] = {**row, 'continuations': greedy_continuations(export, PROMPTS)}
         path.write_text(json.dumps(results, indent=2) + '\n')
     source = results['source']['loss']
