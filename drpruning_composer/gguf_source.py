@@ -134,12 +134,14 @@ def write_hf_folder(out: str | os.PathLike, gguf_file: str | os.PathLike | None 
 
 def _drop_volatile_fields(folder: Path) -> None:
     """Remove fields that name the machine or the conversion run, so the same input writes the same bytes."""
-    path = folder / 'tokenizer_config.json'
-    if path.is_file():
-        config = json.loads(path.read_text())
-        config.pop('name_or_path', None)
-        config.pop('vocab_file', None)
-        path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + '\n')
+    for name, keys in (('tokenizer_config.json', ('name_or_path', 'vocab_file')),
+                       ('config.json', ('_model_name_or_path',))):  # the GGUF's general.name, not a path
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            for key in keys:
+                config.pop(key, None)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + '\n')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +14,7 @@ from conftest import DOMAINS
 from test_train import run_train
 
 from drpruning_composer.gguf_source import MissingExtraError, write_hf_folder
+from drpruning_composer.pruning.export import main as export_main
 
 REAL_YAML = str(Path(__file__).resolve().parents[1] / 'yamls' / 'demo' / 'prune_real.yaml')
 SMALL_TARGET = {'num_hidden_layers': 4, 'hidden_size': 128, 'num_attention_heads': 3, 'num_key_value_heads': 1,
@@ -73,17 +73,30 @@ def real_data(tiny_demo, real_source, tmp_path_factory) -> Path:
     return out
 
 
+@torch.no_grad()
+def _loss_without_pad_targets(model: torch.nn.Module, rows: torch.Tensor, pad_id: int) -> float:
+    """Mean next-token loss as llm-foundry's text loader scores it: its collator (transformers'
+    DataCollatorForLanguageModeling) drops every target equal to the pad id, and SmolLM2's pad is its EOS."""
+    total, count = 0.0, 0
+    for batch in rows.split(8):
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        targets = batch[:, 1:].masked_fill(batch[:, 1:] == pad_id, -100)
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction='sum').item()
+        count += int((targets != -100).sum())
+    return total / count
+
+
 def test_composer_train_prunes_the_real_model_and_the_export_is_the_model_that_trained(real_source, real_data,
                                                                                           tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from drpruning_composer.evaluate import domain_loss, read_split
+    from drpruning_composer.evaluate import read_split
 
     run = tmp_path / 'run'
     proc = run_train([REAL_YAML, f'variables.data={real_data}', f'variables.source_model={real_source}',
                       f'variables.save_folder={run}', 'variables.max_seq_len=64', 'max_duration=4ba',
-                      'global_train_batch_size=2', 'device_train_microbatch_size=2', 'device_eval_batch_size=2',
-                      'eval_interval=4ba', 'eval_subset_num_batches=1', 'console_log_interval=1ba',
+                      'global_train_batch_size=2', 'device_train_microbatch_size=2', 'device_eval_batch_size=8',
+                      'eval_interval=4ba', 'eval_subset_num_batches=-1', 'console_log_interval=1ba',
                       'algorithms.l0_mask.importance_batches=2', 'algorithms.l0_mask.hard_finish=2ba',
                       'save_interval=4ba', 'callbacks.dro_reweight.update=constant',
                       *(f'algorithms.l0_mask.target.{k}={v}' for k, v in SMALL_TARGET.items())])
@@ -91,7 +104,7 @@ def test_composer_train_prunes_the_real_model_and_the_export_is_the_model_that_t
     assert proc.returncode == 0, out[-4000:]
     assert 'hard finish starts' not in out  # importance initialisation: no abrupt cut
     export = run / 'pruned_hf'
-    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    model = AutoModelForCausalLM.from_pretrained(export, torch_dtype='auto').eval()  # 'auto': config's dtype
     config = model.config
     assert {k: getattr(config, k) for k in SMALL_TARGET} == SMALL_TARGET
     assert config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -100,14 +113,21 @@ def test_composer_train_prunes_the_real_model_and_the_export_is_the_model_that_t
     tok, source_tok = AutoTokenizer.from_pretrained(export), AutoTokenizer.from_pretrained(real_source)
     assert tok.special_tokens_map == source_tok.special_tokens_map and tok.chat_template == source_tok.chat_template
     assert GenerationConfig.from_pretrained(export).to_dict() == GenerationConfig.from_pretrained(real_source).to_dict()
-    # The end-of-training model (exact target masks in the hard finish) was evaluated at batch 4 on the first two
-    # val rows of each domain; the export scores the same rows the same (bf16 storage of fp32 weights aside).
+    # The end-of-training model (exact target masks in the hard finish) was evaluated at batch 4 on the whole val
+    # split of each domain. The checkpoint's export in fp32 (the training weights) scores them exactly as logged
+    # (4 decimals); the default export, bf16 as the source, within its rounding.
+    fp32 = tmp_path / 'fp32'
+    export_main([str(run / 'ep0-ba4-rank0.pt'), str(fp32), '--dtype', 'float32'])
+    exact = AutoModelForCausalLM.from_pretrained(fp32, torch_dtype='auto').eval()
+    assert exact.dtype == torch.float32
     model = model.float()
     for domain in DOMAINS:
         logged = float(re.findall(rf'metrics/eval/{domain}/LanguageCrossEntropy: ([0-9.]+)', out)[-1])
-        rows = read_split(real_data, domain, 'val', max_samples=2)
-        assert domain_loss(model, rows) == pytest.approx(logged, abs=0.02), domain
+        rows = torch.from_numpy(read_split(real_data, domain, 'val'))
+        assert _loss_without_pad_targets(exact, rows, tok.pad_token_id) == pytest.approx(logged, abs=2e-4), domain
+        assert _loss_without_pad_targets(model, rows, tok.pad_token_id) == pytest.approx(logged, rel=0.03), domain
     ids = tok('The capital of France is', return_tensors='pt')
-    generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert generated.shape[1] > ids['input_ids'].shape[1] and np.isfinite(model(generated).logits.numpy()).all()
+    with torch.no_grad():
+        generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
+        assert generated.shape[1] > ids['input_ids'].shape[1] and torch.isfinite(model(generated).logits).all()
     assert json.loads((export / 'config.json').read_text())['architectures'] == ['LlamaForCausalLM']
