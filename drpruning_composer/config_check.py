@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -353,9 +354,10 @@ def check_durations(cfg: DictConfig) -> None:
         algorithm = build_component('algorithms.l0_mask', l0_mask)
         try:
             algorithm.check_schedule(max_duration, endless_loader=endless)
+            algorithm.check_calibration(max_duration)
         except ValueError as e:
-            option = 'lagrangian_warmup' if 'lagrangian_warmup' in str(e) else 'hard_finish'
-            raise ConfigError(f'algorithms.l0_mask.{option}: {e}') from e
+            named = re.match(r'l0_mask\.(\w+)', str(e))  # every schedule error starts with the option it is about
+            raise ConfigError(f'algorithms.l0_mask.{named.group(1) if named else "hard_finish"}: {e}') from e
 
 
 def check_dro_proportions(cfg: DictConfig) -> None:

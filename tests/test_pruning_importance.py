@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 from composer.core import Callback, Event, State
-from composer.loggers import Logger
+from composer.core import Time
+from composer.loggers import InMemoryLogger, Logger
 from safetensors.torch import load_file
 from test_pruning_training import CONFIG, TARGET, _algorithm, _mask_state, _trainer
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -33,6 +34,9 @@ def test_importance_log_alpha_keeps_the_top_scores_per_row():
     assert (out['intermediate'][:, :32] == 4.0).all() and (out['intermediate'][:, 32:] == -4.0).all()
     assert (out['hidden'][8:] == 4.0).all() and (out['hidden'][:8] == -4.0).all()
     assert out['mlp'].tolist() == [4.0, 4.0]  # whole sublayers are never removed by a target
+    one_per_group = resolve_target(source, {'num_attention_heads': 2, 'num_key_value_heads': 2})
+    out = importance_log_alpha(scores, ['query_head'], one_per_group, 1.0)
+    assert out['query_head'].tolist() == [[[1.0, -1.0], [1.0, -1.0]], [[1.0, -1.0], [-1.0, 1.0]]]  # tie: lower index
 
 
 def test_collector_scores_a_dead_unit_zero_and_ranks_it_last():
@@ -46,14 +50,15 @@ def test_collector_scores_a_dead_unit_zero_and_ranks_it_last():
     ids = torch.randint(0, CONFIG['vocab_size'], (3, 16), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids)
     model.eval()(input_ids=ids)  # evaluation forwards do not count
+    collector.sync(lambda t: t.mul_(2), 'cpu')  # as if two ranks had seen the same batch
     scores = collector.scores()
-    assert collector.tokens.item() == 3 * 16
+    assert collector.sums['tokens'].item() == 2 * 3 * 16 and not collector.pending
     assert scores['query_head'][0, 1].abs().max() == 0 and scores['query_head'][0, 0].min() > 0
     assert scores['intermediate'][1, 5] == 0 and scores['intermediate'][1].argmin() == 5
     assert (scores['layer'] > 0).all() and (scores['hidden'] > 0).all()
     collector.remove()
     model.train()(input_ids=ids)
-    assert collector.tokens.item() == 3 * 16  # hooks removed
+    assert not collector.pending  # hooks removed
 
 
 class _Snapshots(Callback):
@@ -74,8 +79,8 @@ def test_importance_init_freezes_masks_while_calibrating_then_starts_at_the_targ
     trainer.fit()
     first = snapshots.masks[0]
     assert all((first[f'log_alpha.{n}'] == 5.0).all() for n in algorithm.masks.active)  # frozen, all on
-    assert all(torch.equal(first[k], snapshots.masks[2][k]) for k in first)
-    after = snapshots.masks[3]
+    assert all(torch.equal(first[k], snapshots.masks[1][k]) for k in first)
+    after = snapshots.masks[2]  # set at the end of the 3rd batch (algorithms run before callbacks)
     _, target = _shape()
     for name in ('layer', 'head', 'intermediate', 'hidden'):
         kept = (after[f'log_alpha.{name}'] > 0).sum(-1)
@@ -89,6 +94,9 @@ def test_a_run_as_long_as_its_calibration_is_one_shot_pruning(tmp_path):
     algorithm = _algorithm(init='importance', importance_batches=2, hard_finish='0ba', export_dir=str(tmp_path / 'e'))
     trainer, _ = _trainer(algorithm, '2ba')
     trainer.fit()
+    assert not algorithm.calibrating  # finished at the last batch, before its checkpoint
+    hidden = algorithm.masks.log_alpha['hidden'].detach()
+    assert set(hidden.abs().tolist()) == {5.0} and not (hidden[:TARGET['hidden_size']] > 0).all()
     masked = trainer.state.model.model.eval()
     masked.l0_masks.hard = True  # the exact target masks
     export = AutoModelForCausalLM.from_pretrained(tmp_path / 'e', torch_dtype=torch.float32).eval()
@@ -110,7 +118,9 @@ def test_resume_during_calibration_is_bitwise_identical(tmp_path):
     second, second_losses = _trainer(_algorithm(**kwargs, export_dir=str(tmp_path / 'resumed')), '6ba', **save)
     assert int(second.state.timestamp.batch) == 2 and second.state.algorithms[0].calibrating
     second.fit()
-    for a, b in zip(full_losses.losses, first_losses.losses + second_losses.losses):
+    resumed = first_losses.losses + second_losses.losses
+    assert len(resumed) == len(full_losses.losses) == 6
+    for a, b in zip(full_losses.losses, resumed):
         assert all(torch.equal(a[k], b[k]) for k in a)
     a, b = load_file(tmp_path / 'full' / 'model.safetensors'), load_file(tmp_path / 'resumed' / 'model.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -129,11 +139,14 @@ def test_hard_finish_far_above_the_target_warns_with_the_numbers(caplog):
 
 
 def test_a_converged_run_does_not_warn(caplog):
-    algorithm = _algorithm(init='importance', importance_batches=2, lagrangian_warmup='0ba', hard_finish='2ba')
-    trainer, _ = _trainer(algorithm, '4ba')
+    algorithm = _algorithm(init='importance', importance_batches=2, lagrangian_warmup='0ba', hard_finish='1ba')
+    logger = InMemoryLogger()
+    trainer, _ = _trainer(algorithm, '4ba', loggers=[logger])
     with caplog.at_level(logging.WARNING, logger='drpruning_composer.pruning.algorithm'):
         trainer.fit()
     assert not [r for r in caplog.records if 'hard finish starts' in r.getMessage()]
+    (_, gap), = logger.data['l0/size_gap_at_hard_finish']  # checked once, at batch 3
+    assert abs(gap) < 0.10
 
 
 @pytest.mark.parametrize('kwargs, match', [({'init': 'random'}, 'l0_mask.init'),
@@ -141,3 +154,11 @@ def test_a_converged_run_does_not_warn(caplog):
 def test_bad_init_options_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _algorithm(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs, match', [({'importance_batches': 8}, 'longer than max_duration'),
+                                           ({'hard_finish': '0.5dur'}, 'before the importance calibration ends')])
+def test_calibration_must_end_before_the_hard_finish(kwargs, match):
+    algorithm = _algorithm(**{'init': 'importance', 'importance_batches': 4, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        algorithm.check_calibration(Time.from_timestring('6ba'))

@@ -23,6 +23,7 @@ from drpruning_composer.pruning.attach import attach_masks, bias_layout, check_s
 from drpruning_composer.pruning.export import SOURCE, export_pruned_model, read_tokenizer_files
 from drpruning_composer.pruning.export import export_dtype as parse_export_dtype
 from drpruning_composer.pruning.export import source_generation_config, source_torch_dtype
+from drpruning_composer.pruning.hard_concrete import keep_probability
 from drpruning_composer.pruning.importance import ImportanceCollector, importance_log_alpha
 from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
 from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
@@ -44,16 +45,23 @@ def _parse_time(key: str, value: str) -> Time:
         raise ValueError(f'l0_mask.{key}: {e}') from e
 
 
-def _assign_parameters(model: torch.nn.Module, values: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
-    """Copy full-size values into parameters that FSDP may shard (FSDP1: through its full parameters; FSDP2:
-    each rank keeps its shard of the value)."""
+def _assign_parameters(model: torch.nn.Module, masks: L0Masks, values: Mapping[str, torch.Tensor]) -> None:
+    """Copy full-size mask logits into `masks.log_alpha`, which FSDP may shard. FSDP1: through the full parameters
+    of the one FSDP unit that owns the masks (not the whole model); FSDP2: each rank keeps its shard of the value."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    fsdp1 = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
-    context = FullyShardedDataParallel.summon_full_params(model, writeback=True) if fsdp1 else nullcontext()
+    names = {id(module): name for name, module in model.named_modules()}
+    mask_path = names[id(masks)]
+    owners = [(name, m) for name, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)
+              and (not name or mask_path.startswith(name + '.'))]
+    context = nullcontext()
+    if owners:  # the innermost FSDP1 unit above the masks
+        owner = max(owners, key=lambda item: len(item[0]))[1]
+        context = FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=True)
     with context, torch.no_grad():
-        for param, value in values.items():
+        for name, value in values.items():
+            param = masks.log_alpha[name]
             if isinstance(param, DTensor):
                 param.copy_(distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements))
             else:
@@ -140,7 +148,7 @@ class L0MaskAlgorithm(Algorithm):
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS,
-                         Event.AFTER_TRAIN_BATCH, Event.FIT_END)
+                         Event.AFTER_TRAIN_BATCH, Event.BATCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -149,14 +157,10 @@ class L0MaskAlgorithm(Algorithm):
             # validates the schedule against max_duration and the loader before the first batch
             self.check_schedule(state.max_duration, endless_loader=state.dataloader_len is None)
         elif event == Event.BEFORE_TRAIN_BATCH:
-            calibrated_now = self.calibrating and int(state.timestamp.batch) >= self.hparams['importance_batches']
-            if calibrated_now:
-                self.finish_calibration(state, logger)
             self.masks.warmup_progress.fill_(self._warmup_progress(state))
             self.masks.key_noise(state.rank_zero_seed, dist.get_global_rank(), int(state.timestamp.batch))
             hard = self._in_hard_finish(state)
-            # (masks set from importance this very batch are at the target; the last forward's size is stale)
-            if hard and not self.masks.hard and not self._hard_finish_announced and not calibrated_now:
+            if hard and not self.masks.hard and not self._hard_finish_announced:
                 self._check_size_before_cut(state, logger)
             self.masks.hard = hard
             if self.masks.hard or self.calibrating:  # freeze masks and multipliers (the scheduler resets lr)
@@ -166,6 +170,10 @@ class L0MaskAlgorithm(Algorithm):
             self._add_lagrangian(state)
         elif event == Event.AFTER_TRAIN_BATCH:
             logger.log_metrics(self.masks.metrics())
+        elif event == Event.BATCH_END and self.calibrating:  # timestamp.batch: the batches done, this one included
+            self.collector.sync(partial(dist.all_reduce, reduce_operation='SUM'), self._mask_device())
+            if int(state.timestamp.batch) >= self.hparams['importance_batches']:
+                self.finish_calibration(state, logger)  # before this batch's checkpoint, which then holds the result
         elif event == Event.FIT_END:
             if self.calibrating:  # a run no longer than its calibration: one-shot pruning by importance
                 self.finish_calibration(state, logger)
@@ -226,22 +234,28 @@ class L0MaskAlgorithm(Algorithm):
         return self.collector is not None
 
     def finish_calibration(self, state: State, logger: Logger) -> None:
-        """Sum the importance over ranks, set every mask logit from it, and reset the masks' optimizer state."""
+        """Set every mask logit from the importance summed over ranks (synced after each calibration batch), and
+        reset the masks' optimizer state. Identical on every rank."""
         collector, self.collector = self.collector, None
         collector.remove()
-        for tensor in (*collector.sums.values(), collector.tokens):
-            dist.all_reduce(tensor, reduce_operation='SUM')
         values = importance_log_alpha(collector.scores(), self.masks.active, self.masks.target,
                                       self.hparams['init_log_alpha'])
-        _assign_parameters(state.model, {self.masks.log_alpha[name]: value for name, value in values.items()})
+        _assign_parameters(state.model, self.masks, values)
         optimizer = state.optimizers[0]
         for index in self._mask_groups:
             for param in optimizer.param_groups[index]['params']:
                 optimizer.state.pop(param, None)
-        kept = {name: float((value > 0).float().mean()) for name, value in values.items()}
+        keep = {name: keep_probability(value) for name, value in values.items()}
+        self.masks.stats['expected_params'] = expected_non_embedding_params(keep, self.masks.source, self.masks.bias)
+        tokens = int(collector.sums['tokens'])
+        kept = {name: round(float((value > 0).float().mean()), 4) for name, value in values.items()}
         log.info('l0_mask: masks initialised from the importance of %d calibration tokens; kept fraction per mask '
-                 'type: %s', int(collector.tokens), kept)
-        logger.log_metrics({'l0/importance_tokens': float(collector.tokens)})
+                 'type: %s', tokens, kept)
+        logger.log_metrics({'l0/importance_tokens': float(tokens)})
+
+    def _mask_device(self) -> torch.device:
+        """Where the masks' parameters live once the model is placed (the device collectives need)."""
+        return next(self.masks.parameters()).device
 
     def _check_size_before_cut(self, state: State, logger: Logger) -> None:
         """Warn when the hard finish starts far above the target size: its exact masks then cut the rest at once."""
@@ -283,6 +297,24 @@ class L0MaskAlgorithm(Algorithm):
             raise ValueError(f"l0_mask.lagrangian_warmup={self.hparams['lagrangian_warmup']!r}: at most 1dur "
                              '(the target would never be reached)')
         self._hard_finish_start(max_duration)
+
+    def check_calibration(self, max_duration: Time | None) -> None:
+        """Raise ValueError naming the option if `init: importance` cannot finish its calibration before the hard
+        finish of a run of `max_duration` (checked before training by the pre-flight; `Trainer.fit(duration=...)`
+        may stop a run earlier on purpose, so it is not checked at FIT_START)."""
+        if self.hparams['init'] != 'importance' or max_duration is None or max_duration.unit != TimeUnit.BATCH:
+            return
+        batches = self.hparams['importance_batches']
+        if max_duration.value < batches:
+            raise ValueError(f'l0_mask.importance_batches={batches} is longer than max_duration ({max_duration}): '
+                             'the calibration would not end')
+        start = self._hard_finish_start(max_duration)
+        if start is not None and self.hard_finish.unit == TimeUnit.DURATION:
+            start *= max_duration.value
+        if start is not None and start < batches:
+            raise ValueError(f"l0_mask.hard_finish={self.hparams['hard_finish']!r} starts at batch {start:g}, before "
+                             f'the importance calibration ends (importance_batches={batches}): the exact masks would '
+                             'be chosen before the importance is known')
 
     def _hard_finish_start(self, max_duration: Time | None) -> float | None:
         """Where the hard finish starts, in max_duration's unit (a fraction for 'dur'); None without one."""

@@ -17,7 +17,7 @@ pruning) and the learned masks refine that choice; with a short budget there is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -51,23 +51,23 @@ def importance_log_alpha(scores: Mapping[str, torch.Tensor], active: list[str], 
 class ImportanceCollector:
     """Forward hooks on a Hugging Face Llama-family model that accumulate the unit scores over calibration batches.
 
-    Sums are kept in fp32 on the model's device; `scores()` divides by the token count. Hooks run first
-    (`prepend=True`), so they see activations before the mask hooks of `attach_masks` scale them. Only training
-forwards count. Under activation checkpointing a recomputed layer counts twice; that scales whole rows alike, and
-only the order within a row matters.
+    Hooks add this rank's activations to `pending` (fp32, on the activations' device, created on first use: at INIT
+    the model may still be on the CPU or the meta device); `sync(all_reduce)` adds the pending sums of all ranks to
+    `sums` once per batch, so every rank holds the same global sums and a checkpoint of rank 0 holds them all.
+    `scores()` divides by the token count. Hooks run first (`prepend=True`), so they see activations before the mask
+    hooks of `attach_masks` scale them. Only training forwards count. Under activation checkpointing a recomputed
+    layer counts twice: whole rows of heads, channels and layers scale alike (only the order within a row matters),
+    while hidden dims then weigh the layers' norms twice against the final norm.
     """
 
     def __init__(self, hf_model: nn.Module, shape: ModelShape):
         self.shape = shape
-        device = next(hf_model.parameters()).device
         n_layers = shape.num_hidden_layers
-        self.sums = {
-            'query_head': torch.zeros(n_layers, shape.num_attention_heads, device=device),
-            'intermediate': torch.zeros(n_layers, shape.intermediate_size, device=device),
-            'hidden': torch.zeros(shape.hidden_size, device=device),
-            'layer': torch.zeros(n_layers, device=device),
-        }
-        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.shapes = {'query_head': (n_layers, shape.num_attention_heads),
+                       'intermediate': (n_layers, shape.intermediate_size),
+                       'hidden': (shape.hidden_size,), 'layer': (n_layers,), 'tokens': ()}
+        self.sums = {name: torch.zeros(size, dtype=torch.float64) for name, size in self.shapes.items()}
+        self.pending: dict[str, torch.Tensor] = {}
         self._handles: list = []
         base = hf_model.model
         for index, layer in enumerate(base.layers):
@@ -80,13 +80,19 @@ only the order within a row matters.
             ]
         self._handles.append(base.norm.register_forward_hook(self._final_norm_hook, prepend=True))
 
+    def _add(self, name: str, value: torch.Tensor, index: int | None = None) -> None:
+        if name not in self.pending:
+            self.pending[name] = torch.zeros(self.shapes[name], dtype=torch.float64, device=value.device)
+        target = self.pending[name] if index is None else self.pending[name][index]
+        target += value.to(torch.float64)
+
     def _layer_hook(self, index: int):
         def hook(module, args, kwargs, out):
             if not module.training:
                 return None
             h_in = (args[0] if args else kwargs['hidden_states']).detach().float()
             h_out = (out[0] if isinstance(out, tuple) else out).detach().float()
-            self.sums['layer'][index] += (1.0 - nn.functional.cosine_similarity(h_in, h_out, dim=-1)).sum()
+            self._add('layer', (1.0 - nn.functional.cosine_similarity(h_in, h_out, dim=-1)).sum(), index)
         return hook
 
     def _head_hook(self, index: int):
@@ -94,25 +100,34 @@ only the order within a row matters.
             if not module.training:
                 return None
             x = args[0].detach().float().unflatten(-1, (self.shape.num_attention_heads, self.shape.head_dim))
-            self.sums['query_head'][index] += x.norm(dim=-1).flatten(0, -2).sum(0)
+            self._add('query_head', x.norm(dim=-1).flatten(0, -2).sum(0), index)
         return hook
 
     def _channel_hook(self, index: int):
         def hook(module, args):
             if not module.training:
                 return None
-            self.sums['intermediate'][index] += args[0].detach().float().abs().flatten(0, -2).sum(0)
+            self._add('intermediate', args[0].detach().float().abs().flatten(0, -2).sum(0), index)
         return hook
 
     def _hidden_hook(self, module, args, out):
         if not module.training:
             return None
-        self.sums['hidden'] += out.detach().float().abs().flatten(0, -2).sum(0)
+        self._add('hidden', out.detach().float().abs().flatten(0, -2).sum(0))
 
     def _final_norm_hook(self, module, args, out):
-        if module.training:
-            self.tokens += out.shape[:-1].numel()  # once per forward: the final norm is never recomputed
+        if module.training:  # once per forward: the final norm is never recomputed
+            self._add('tokens', torch.tensor(float(out.shape[:-1].numel()), device=out.device))
         return self._hidden_hook(module, args, out)
+
+    def sync(self, all_reduce: Callable[[torch.Tensor], None], device: torch.device | str) -> None:
+        """Sum this batch's pending sums over ranks (`all_reduce` sums in place) into `sums`; a collective call:
+        every rank calls it after every calibration batch, with tensors on `device` (the one its backend needs)."""
+        for name, size in self.shapes.items():
+            pending = self.pending.pop(name, None)
+            pending = torch.zeros(size, dtype=torch.float64, device=device) if pending is None else pending.to(device)
+            all_reduce(pending)
+            self.sums[name] += pending.cpu()
 
     def remove(self) -> None:
         """Remove every hook."""
@@ -121,19 +136,18 @@ only the order within a row matters.
         self._handles = []
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Mean scores per token, 'query_head' shaped [L, n_kv, group] (call after summing over ranks)."""
-        count = self.tokens.clamp_min(1.0).float()
-        out = {name: s / count for name, s in self.sums.items()}
+        """Mean scores per token over the synced sums (fp32, CPU), 'query_head' shaped [L, n_kv, group]."""
+        count = self.sums['tokens'].clamp_min(1.0)
+        out = {name: (s / count).float() for name, s in self.sums.items() if name != 'tokens'}
         out['query_head'] = out['query_head'].unflatten(-1, (self.shape.num_key_value_heads, self.shape.group_size))
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The running sums and token count (tensors only), for a checkpoint taken during calibration."""
-        return {**{f'sum/{k}': v.detach().cpu().clone() for k, v in self.sums.items()},
-                'tokens': self.tokens.detach().cpu().clone()}
+        """The synced sums (the same on every rank) and token count, for a checkpoint taken during calibration."""
+        return {f'sum/{k}': v.clone() for k, v in self.sums.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore the running sums and token count."""
+        """Restore the synced sums (a checkpoint taken before this layout holds none: start over)."""
         for name in self.sums:
-            self.sums[name].copy_(state[f'sum/{name}'])
-        self.tokens.copy_(state['tokens'])
+            if f'sum/{name}' in state:
+                self.sums[name] = state[f'sum/{name}'].to(torch.float64).cpu().clone()
