@@ -25,7 +25,7 @@ from drpruning_composer.pruning.export import export_dtype as parse_export_dtype
 from drpruning_composer.pruning.export import source_generation_config, source_torch_dtype
 from drpruning_composer.pruning.hard_concrete import keep_probability
 from drpruning_composer.pruning.importance import ImportanceCollector, importance_log_alpha
-from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
+from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks, typical_params
 from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
                                                   expected_non_embedding_params, required_masks, resolve_target)
 
@@ -247,6 +247,7 @@ class L0MaskAlgorithm(Algorithm):
                 optimizer.state.pop(param, None)
         keep = {name: keep_probability(value) for name, value in values.items()}
         self.masks.stats['expected_params'] = expected_non_embedding_params(keep, self.masks.source, self.masks.bias)
+        self.masks.stats['typical_params'] = typical_params(keep, self.masks.source, self.masks.bias)
         tokens = int(collector.sums['tokens'])
         kept = {name: round(float((value > 0).float().mean()), 4) for name, value in values.items()}
         log.info('l0_mask: masks initialised from the importance of %d calibration tokens; kept fraction per mask '
@@ -258,20 +259,24 @@ class L0MaskAlgorithm(Algorithm):
         return next(self.masks.parameters()).device
 
     def _check_size_before_cut(self, state: State, logger: Logger) -> None:
-        """Warn when the hard finish starts far above the target size: its exact masks then cut the rest at once."""
+        """Warn when the hard finish starts far above the target size: its exact masks then cut the rest at once.
+
+        The size compared is that of the model that typically runs (units on with probability >= 0.5): the expected
+        size also counts units that are almost always off, which the cut hardly changes."""
         self._hard_finish_announced = True
-        expected, target = self.expected_num_params(), self.target_num_params()
-        if expected is None or not target:
+        stats, target = self.masks.stats, self.target_num_params()
+        if 'typical_params' not in stats or not target:
             return
-        gap = expected / target - 1.0
+        typical, expected = float(stats['typical_params']), float(stats['expected_params'])
+        gap = typical / target - 1.0
         logger.log_metrics({'l0/size_gap_at_hard_finish': gap})
         if gap > SIZE_GAP_WARNING:
             log.warning(
-                'l0_mask: the hard finish starts at batch %d with an expected size of %.4gM non-embedding parameters, '
-                '%.0f%% above the target (%.4gM): its exact target masks cut the rest at once, which can wreck the '
-                'model. The masks did not converge in time: use init: importance, or a longer run, a shorter '
-                'lagrangian_warmup, or a higher mask_lr / lagrangian_lr.',
-                int(state.timestamp.batch), expected / 1e6, 100 * gap, target / 1e6)
+                'l0_mask: the hard finish starts at batch %d with the typical model (units on with probability >= 0.5) '
+                'at %.4gM non-embedding parameters (expected size %.4gM), %.0f%% above the target (%.4gM): its exact '
+                'target masks cut the rest at once, which can wreck the model. The masks did not converge in time: '
+                'use init: importance, or a longer run, a shorter lagrangian_warmup, or a higher mask_lr / '
+                'lagrangian_lr.', int(state.timestamp.batch), typical / 1e6, expected / 1e6, 100 * gap, target / 1e6)
 
     def _warmup_progress(self, state: State) -> float:
         if self.calibrating:

@@ -39,6 +39,13 @@ def target_gates(log_alpha: Mapping[str, torch.Tensor], target: ModelShape) -> d
     }
 
 
+def typical_params(keep: Mapping[str, torch.Tensor], source: ModelShape, bias: BiasLayout) -> torch.Tensor:
+    """Non-embedding parameter count of the model that typically runs: each unit on iff its keep probability is at
+    least 0.5. Unlike the expected count, units that are almost always off (as after `init: importance`) add nothing,
+    so its gap to the target measures how much the exact target masks still have to cut."""
+    return expected_non_embedding_params({name: (k >= 0.5).to(k.dtype) for name, k in keep.items()}, source, bias)
+
+
 def lagrangian(row_sparsity: torch.Tensor, target: torch.Tensor | float, lambda_1: torch.Tensor,
                lambda_2: torch.Tensor) -> torch.Tensor:
     """lambda_1 mean(s_r - t) + lambda_2 mean((s_r - t)^2) over rows r, multipliers' gradient reversed (maximised).
@@ -143,7 +150,8 @@ class L0Masks(nn.Module):
                      for n in self.active]
             self.lagrangian = torch.cat(terms).sum() if terms else None
         with torch.no_grad():
-            self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias)}
+            self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias),
+                          'typical_params': typical_params(keep, self.source, self.bias)}
             for name, k in keep.items():
                 self.stats[f'expected_sparsity/{name}'] = sparsity[name].detach()
                 self.stats[f'expected_remaining/{name}'] = k.sum(-1).mean()
