@@ -99,6 +99,15 @@ def write_yaml(root: Path, paths: dict[str, str], dro: dict) -> Path:
     return path
 
 
+def _dro_options(tmp_path: Path) -> dict:
+    """The `dro_reweight` options of the two-rank llm-foundry runs: reweighting and ratio drift within 8 batches."""
+    return {
+        'domains': DOMAINS, 'update': 'dro', 'rho': 0.1, 'min_prob': 0.2, 'reference_loss': 'dynamic',
+        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 1.5, 'min_fit_points': 4,
+        'history_folder': str(tmp_path / 'dro'),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -108,11 +117,7 @@ def _free_port() -> int:
 def test_llmfoundry_two_ranks_agree_reweight_and_resume_exactly(tmp_path):
     """Uninterrupted 6-batch run with a checkpoint at batch 4, then a run resumed from it, in the same 2 processes."""
     paths = write_fixture(tmp_path)
-    dro = {
-        'domains': DOMAINS, 'update': 'dro', 'rho': 0.1, 'min_prob': 0.2, 'reference_loss': 'dynamic',
-        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 1.5, 'min_fit_points': 4,
-        'history_folder': str(tmp_path / 'dro'),
-    }
+    dro = _dro_options(tmp_path)
     yaml_path = write_yaml(tmp_path, paths, dro)
     cmd = [
         'composer', '-n', '2', '--master_port', str(_free_port()), '--stdout', str(tmp_path / 'stdout{rank}.txt'),
@@ -343,11 +348,7 @@ def test_llmfoundry_restart_with_other_num_workers_reads_the_same_stream(tmp_pat
     """Issue 20, item 10, end to end: a run with num_workers=1 (prefetch_factor 1) whose DRO weights change, and a
     restart of it from its batch-4 checkpoint with num_workers=0: the same batches and the same weight history."""
     paths = write_fixture(tmp_path)
-    dro = {
-        'domains': DOMAINS, 'update': 'dro', 'rho': 0.1, 'min_prob': 0.2, 'reference_loss': 'dynamic',
-        'reference_ratio': 'dynamic', 'ratio_delta': 0.2, 'ratio_band': 1.5, 'min_fit_points': 4,
-        'history_folder': str(tmp_path / 'dro'),
-    }
+    dro = _dro_options(tmp_path)
     yaml_path = write_yaml(tmp_path, paths, dro)
     config = json.loads(yaml_path.read_text())
     config['train_loader'].update(num_workers=1, prefetch_factor=1, persistent_workers=False)

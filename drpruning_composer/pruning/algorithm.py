@@ -25,14 +25,14 @@ from drpruning_composer.pruning.export import export_dtype as parse_export_dtype
 from drpruning_composer.pruning.export import source_generation_config, source_torch_dtype
 from drpruning_composer.pruning.hard_concrete import keep_probability
 from drpruning_composer.pruning.importance import ImportanceCollector, importance_log_alpha
-from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks, typical_params
+from drpruning_composer.pruning.masks import EVAL_MODES, L0Masks
 from drpruning_composer.pruning.structure import (MASK_TYPES, SUPPORTED_MODEL_TYPES, ModelShape, check_target_fields,
                                                   expected_non_embedding_params, required_masks, resolve_target)
 
 
 CONSTRAINTS = ('per_layer', 'global')
 INITS = ('uniform', 'importance')
-# The hard finish warns when the expected size is this far above the target (relative): the cut would be abrupt.
+# The hard finish warns when the typical model is this far above the target size (relative): the cut would be abrupt.
 SIZE_GAP_WARNING = 0.10
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class L0MaskAlgorithm(Algorithm):
     def __init__(self, target: dict[str, int], masks: Sequence[str] | None = None, lagrangian_warmup: str = '0ba',
                  mask_lr: float = 0.1, lagrangian_lr: float = 0.1, eval_mode: str = 'soft',
                  export_dir: str | None = None, init_log_alpha: float = 5.0, hard_finish: str = '0.2dur',
-                 constraint: str = 'per_layer', export_dtype: str = SOURCE, init: str = 'uniform', importance_batches: int = 8):
+                 constraint: str = 'per_layer', export_dtype: str = SOURCE, init: str = 'uniform',
+                 importance_batches: int = 8):
         check_target_fields(target)
         if masks is not None:
             unknown = sorted(set(masks) - set(MASK_TYPES))
@@ -245,9 +246,7 @@ class L0MaskAlgorithm(Algorithm):
         for index in self._mask_groups:
             for param in optimizer.param_groups[index]['params']:
                 optimizer.state.pop(param, None)
-        keep = {name: keep_probability(value) for name, value in values.items()}
-        self.masks.stats['expected_params'] = expected_non_embedding_params(keep, self.masks.source, self.masks.bias)
-        self.masks.stats['typical_params'] = typical_params(keep, self.masks.source, self.masks.bias)
+        self.masks.record_sizes({name: keep_probability(value) for name, value in values.items()})
         tokens = int(collector.sums['tokens'])
         kept = {name: round(float((value > 0).float().mean()), 4) for name, value in values.items()}
         log.info('l0_mask: masks initialised from the importance of %d calibration tokens; kept fraction per mask '

@@ -149,13 +149,18 @@ class L0Masks(nn.Module):
             terms = [lagrangian(rows[n], self.current_target_sparsity(n), self.lambda_1[n], self.lambda_2[n])
                      for n in self.active]
             self.lagrangian = torch.cat(terms).sum() if terms else None
-        with torch.no_grad():
-            self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias),
-                          'typical_params': typical_params(keep, self.source, self.bias)}
-            for name, k in keep.items():
-                self.stats[f'expected_sparsity/{name}'] = sparsity[name].detach()
-                self.stats[f'expected_remaining/{name}'] = k.sum(-1).mean()
+        self.record_sizes(keep)
         return self.gates
+
+    @torch.no_grad()
+    def record_sizes(self, keep: Mapping[str, torch.Tensor]) -> None:
+        """Set `stats` (expected and typical non-embedding parameter counts, expected sparsity and remaining units
+        per mask type) from keep probabilities shaped as the mask logits."""
+        self.stats = {'expected_params': expected_non_embedding_params(keep, self.source, self.bias),
+                      'typical_params': typical_params(keep, self.source, self.bias)}
+        for name, k in keep.items():
+            self.stats[f'expected_sparsity/{name}'] = 1.0 - k.mean()
+            self.stats[f'expected_remaining/{name}'] = k.sum(-1).mean()
 
     def pop_lagrangian(self) -> torch.Tensor | None:
         """The Lagrangian of the last training forward; cleared so it is added to exactly one loss."""
