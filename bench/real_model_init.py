@@ -7,7 +7,12 @@ per-domain loss, mean, worst, mean excess over the source, and greedy continuati
 - `oneshot`: importance over 8 calibration batches with the learning rate at 0, then export (0 training batches);
 - `importance-N`: the YAML's default, importance initialisation, N batches;
 - `uniform-N`: every mask logit at +5 (the previous default) with the warm-up and mask/Lagrangian lr that made the
-  masks move fastest in a 100-batch run (40 batches, 0.5).
+  masks move fastest in a 100-batch run (40 batches, 0.5);
+- `kd-` before any of these: distillation from the source (`algorithms.distill`, KD weight 1: the teacher's whole
+  distribution instead of the next token, Minitron's retraining loss).
+
+`--set KEY=VALUE` overrides the YAML for every variant of the invocation; the results are keyed by the variant name
+followed by the overrides (`importance-100 optimizer.lr=1e-3`).
 
 ``python bench/real_model_init.py --demo demo_real --variants oneshot importance-100 uniform-100``
 (the demo folder's source and data stages are built if absent; results in ``--out``/results.json, reused with
@@ -33,6 +38,8 @@ from drpruning_composer.demo_real import PROMPTS, greedy_continuations, run_stag
 
 def overrides(variant: str) -> list[str]:
     """YAML overrides of one variant name (see the module docstring)."""
+    if variant.startswith('kd-'):
+        return [*overrides(variant[3:]), 'algorithms.distill.alpha=1.0']
     if variant == 'oneshot':
         return ['max_duration=8ba', 'optimizer.lr=0.0', 'algorithms.l0_mask.hard_finish=0ba',
                 'scheduler.t_warmup=0ba', 'eval_interval=100ba', 'save_interval=100ba']
@@ -46,9 +53,9 @@ def overrides(variant: str) -> list[str]:
     raise ValueError(f'unknown variant {variant!r}')
 
 
-def run_variant(demo: Path, out: Path, variant: str, extra: list[str]) -> Path:
-    """Prune with one variant's overrides; returns its export folder."""
-    folder = out / variant
+def run_variant(demo: Path, out: Path, folder_name: str, variant: str, extra: list[str]) -> Path:
+    """Prune with one variant's overrides and `extra` into `out/folder_name`; returns its export folder."""
+    folder = out / folder_name
     cmd = ['composer', str(REPO / 'train.py'), str(REPO / 'yamls/demo/prune_real.yaml'), f'variables.demo={demo}',
            f'variables.save_folder={folder}', *overrides(variant), *extra]
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         results['source'] = {**row, 'continuations': greedy_continuations(demo / 'source', PROMPTS)}
         path.write_text(json.dumps(results, indent=2) + '\n')
     for variant in args.variants:
-        if variant in results:
+        name = ' '.join([variant, *args.extra])
+        if name in results:
             continue
-        export = run_variant(demo, out, variant, args.extra)
+        export = run_variant(demo, out, name.replace(' ', '+').replace('/', '_'), variant, args.extra)
         row = evaluate([str(export)], str(demo / 'data'), max_samples=args.max_samples)[0]
-        results[variant] = {**row, 'continuations': greedy_continuations(export, PROMPTS)}
+        results[name] = {**row, 'continuations': greedy_continuations(export, PROMPTS)}
         path.write_text(json.dumps(results, indent=2) + '\n')
     source = results['source']['loss']
     domains = list(source)

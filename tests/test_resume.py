@@ -112,6 +112,27 @@ def test_killed_run_resumes_bit_identically(tiny_demo, tmp_path):
     assert any(r['weight/prose'] != history_full[0]['weight/prose'] for r in history_full)  # DRO moved the mixture
 
 
+@pytest.mark.usefixtures('remove_leaked_shared_memory')
+def test_run_killed_during_importance_calibration_resumes_bit_identically(tiny_demo, tmp_path):
+    """`init: importance` (the real-model recipe's): killed after batch 3, inside the 4 calibration batches, and
+    rerun, it resumes from the batch-2 checkpoint and exports the same bits and DRO history as an uninterrupted run."""
+    importance = ['algorithms.l0_mask.init=importance', 'algorithms.l0_mask.importance_batches=4',
+                  'algorithms.l0_mask.lagrangian_warmup=0ba']
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    _run_to_end([*_command(tiny_demo, full), *importance], tmp_path / 'full.log')
+    cmd = [*_command(tiny_demo, killed), *importance]
+    log = tmp_path / 'killed0.log'
+    proc = _start(cmd, log)
+    _kill_when(proc, lambda: re.search(r'\[batch=3/', log.read_text()) is not None)
+    out = _run_to_end(cmd, tmp_path / 'killed1.log')
+    assert re.search(r'resuming from .*ep0-ba2-rank0\.pt', out)
+
+    a = load_file(full / 'pruned_hf' / 'model.safetensors')
+    b = load_file(killed / 'pruned_hf' / 'model.safetensors')
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _history(killed) == _history(full)
+
+
 def _fake_checkpoint(path: Path, complete: bool = True) -> None:
     with zipfile.ZipFile(path, 'w') as z:
         z.writestr('data.pkl', b'x' * 1000)

@@ -19,12 +19,13 @@ from drpruning_composer.dro.report import HISTORY_CSV, HISTORY_PNG, plot_history
 from drpruning_composer.dro.scaling_law import DomainReferenceLoss
 from drpruning_composer.dro.teacher import teacher_reference_loss
 from drpruning_composer.dro.train_loss import DomainTrainLoss
-from drpruning_composer.dro.update import drift_ratio, dro_step, sheared_step, smooth
+from drpruning_composer.dro.update import drift_ratio, dro_mirror_step, dro_step, sheared_step, smooth
 
 log = logging.getLogger(__name__)
 
 UPDATE_RULES = ('dro', 'sheared', 'constant')
 EXCESS_KINDS = ('absolute', 'relative')
+DRO_STEPS = ('best_response', 'mirror')
 DYNAMIC = 'dynamic'
 SOURCE = 'source'
 TEACHER = 'teacher'
@@ -105,6 +106,12 @@ class DROReweightCallback(Callback):
         update: `dro` (chi-square-ball step around the reference ratio), `sheared` (Sheared-LLaMA's
             exponentiated update on excess loss) or `constant` (weights fixed, losses still logged).
         rho, min_prob: radius of the chi-square ball and floor on q/p for `dro`.
+        dro_step: how `dro` moves the weights after an evaluation: `best_response` (the worst-case mixture in the
+            ball for this evaluation's excess, `dro_step`; the paper's rule) or `mirror` (an exponentiated-gradient
+            step of size `mirror_lr` from the current weights, kept in the same ball, `dro_mirror_step`: the weights
+            accumulate evidence instead of jumping to each evaluation's worst case).
+        mirror_lr: step size of `dro_step: mirror`: per update, the domain with the largest excess gains at most a
+            factor exp(mirror_lr) against the one with the smallest (the excess is scaled by its spread).
         sheared_lr, sheared_smoothing: step size and uniform smoothing for `sheared`.
         reference_loss: one loss per domain; `dynamic` (per-domain scaling-law prediction at the end of training,
             at the target size while pruning; no update until every domain has a prediction); or `source` (each
@@ -153,6 +160,8 @@ class DROReweightCallback(Callback):
         update: str = 'dro',
         rho: float = 0.1,
         min_prob: float = 0.1,
+        dro_step: str = 'best_response',
+        mirror_lr: float = 0.5,
         sheared_lr: float = 1.0,
         sheared_smoothing: float = 1e-4,
         reference_loss: Sequence[float] | str = DYNAMIC,
@@ -182,6 +191,10 @@ class DROReweightCallback(Callback):
             raise ValueError(f'`rho` must be >= 0, got {rho}')
         if not 0 <= min_prob < 1:
             raise ValueError(f'`min_prob` must be in [0, 1), got {min_prob}')
+        if dro_step not in DRO_STEPS:
+            raise ValueError(f'`dro_step` must be one of {DRO_STEPS}, got {dro_step!r}')
+        if not (math.isfinite(float(mirror_lr)) and mirror_lr >= 0):
+            raise ValueError(f'`mirror_lr` must be a finite number >= 0, got {mirror_lr!r}')
         if not 0 <= ratio_delta <= 1:
             raise ValueError(f'`ratio_delta` must be in [0, 1], got {ratio_delta}')
         if ratio_band < 1:
@@ -218,6 +231,8 @@ class DROReweightCallback(Callback):
         self.update = update
         self.rho = float(rho)
         self.min_prob = float(min_prob)
+        self.dro_step = dro_step
+        self.mirror_lr = float(mirror_lr)
         self.sheared_lr = float(sheared_lr)
         self.sheared_smoothing = float(sheared_smoothing)
         self.ratio_delta = float(ratio_delta)
@@ -397,7 +412,10 @@ class DROReweightCallback(Callback):
             gap = losses - self.ref_loss if self.excess_kind == 'absolute' else np.log(losses / self.ref_loss)
             self.excess = smooth(self.excess, gap, self.excess_smoothing)
             zero = np.zeros_like(self.excess)
-            if self.update == 'dro':
+            if self.update == 'dro' and self.dro_step == 'mirror':
+                new_weights = dro_mirror_step(weights, self.excess, self.ratio, self.rho, self.min_prob,
+                                              self.mirror_lr)
+            elif self.update == 'dro':
                 new_weights = dro_step(self.excess, zero, self.ratio, self.rho, self.min_prob)
             elif self.update == 'sheared':
                 new_weights = sheared_step(self.excess, zero, weights, self.sheared_lr, self.sheared_smoothing)

@@ -98,6 +98,70 @@ def dro_step(
     return p * ratio_at(lo)
 
 
+def dro_mirror_step(
+    weights: np.ndarray,
+    excess: np.ndarray,
+    ref_ratio: np.ndarray,
+    rho: float,
+    min_prob: float,
+    lr: float = 0.5,
+) -> np.ndarray:
+    """One accumulating (mirror-descent) step on the mixture q, kept in the same set as `dro_step`'s answer.
+
+    An exponentiated-gradient step on the excess loss e, as group DRO updates its group weights (Sagawa et al. 2020,
+    Algorithm 1), with e scaled by its spread over the domains so that `lr` has no unit:
+    q' = normalise(q * exp(lr * (e - max e) / (max e - min e))). Each update multiplies the weight of the domain with
+    the largest excess by exp(lr) relative to the one with the smallest, whether the excess is in nats or a log-ratio
+    and whatever the model's scale. The ratio q'/p is floored at `min_prob` as in `dro_step`; if q' leaves the
+    chi-square ball 0.5 * sum p (q/p - 1)^2 <= rho around the reference ratio p, it is pulled back toward p along the
+    segment, q = p + t (q' - p) with t = sqrt(rho / divergence(q')) (the divergence is quadratic in t), so the floor
+    still holds. Unlike the best response, which jumps to the worst case of each evaluation's excess, q accumulates:
+    a domain gains weight while it lags the others and keeps what it gained when it stops lagging. Equal excesses
+    leave q where it is (inside the ball).
+
+    Args:
+        weights: current mixture q, one entry per domain (normalised here).
+        excess: excess loss per domain (nats, or log-ratios); only its ranking and relative gaps matter.
+        ref_ratio: reference ratio p, the centre of the ball.
+        rho: ball radius (>= 0; 0 returns p).
+        min_prob: floor on q/p, in [0, 1).
+        lr: step size per update (>= 0): log of the largest factor between two domains' changes.
+
+    Raises:
+        ValueError: on lengths that differ, non-finite excess, or an option out of range.
+    """
+    p = _as_distribution(ref_ratio, 'ref_ratio')
+    q = _as_distribution(weights, 'weights')
+    e = np.asarray(excess, dtype=np.float64)
+    if e.shape != p.shape or q.shape != p.shape:
+        raise ValueError(f'weights, excess and ref_ratio must have the same length, got {q.shape}, {e.shape} and '
+                         f'{p.shape}')
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f'excess must be finite, got {e!r}')
+    if rho < 0:
+        raise ValueError(f'rho must be >= 0, got {rho}')
+    if not 0 <= min_prob < 1:
+        raise ValueError(f'min_prob must be in [0, 1), got {min_prob}')
+    if lr < 0:
+        raise ValueError(f'lr must be >= 0, got {lr}')
+    support = p > 0
+    q = np.where(support, q, 0.0)
+    if q.sum() <= 0:
+        q = p.copy()
+    spread = float(e[support].max() - e[support].min())
+    step = (e - e[support].max()) / spread if spread > 1e-12 * max(1.0, float(np.abs(e[support]).max())) else 0 * e
+    with np.errstate(divide='ignore'):
+        logits = np.log(q / q.sum()) + lr * step
+    moved = np.exp(logits) * support
+    ratio = _clamped_ratio(np.divide(moved, p, out=np.zeros_like(p), where=support), p, min_prob)
+    moved = p * ratio
+    divergence = chi_square_divergence(moved, p)
+    if divergence <= rho:
+        return moved
+    t = float(np.sqrt(rho / divergence))
+    return p + t * (moved - p)
+
+
 def sheared_step(
     losses: np.ndarray,
     ref_losses: np.ndarray,
