@@ -215,6 +215,19 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
         print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
 
 
+def trade_off(ax, summary: dict) -> None:
+    """One point per rule: mean loss of the export against its worst-domain degradation, with s.e. bars both ways
+    (lower left is better on both)."""
+    for rule, e in summary.items():
+        (x, dx), (y, dy) = e['worst_degradation'], e['mean_loss']
+        ax.errorbar(x, y, xerr=0 if math.isnan(dx) else dx, yerr=0 if math.isnan(dy) else dy, fmt='o', capsize=3,
+                    label=rule)
+        ax.annotate(rule, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    ax.set_xlabel('worst-domain degradation (max L / L_source)')
+    ax.set_ylabel('mean loss of the export')
+    ax.set_title('trade-off (mean +- s.e. over seeds)')
+
+
 def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
     import matplotlib
 
@@ -222,8 +235,9 @@ def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     dynamic = [r for r in runs if r not in ('constant', 'uniform')]
-    fig, axes = plt.subplots(1, 1 + len(dynamic), figsize=(6 + 5 * len(dynamic), 4.5))
+    fig, axes = plt.subplots(1, 2 + len(dynamic), figsize=(11 + 5 * len(dynamic), 4.5))
     axes = np.atleast_1d(axes)
+    trade_off(axes[1], summary)
     width = 0.8 / len(summary)
     for i, (rule, e) in enumerate(summary.items()):
         x = np.arange(len(domains)) + i * width
@@ -234,7 +248,7 @@ def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
     axes[0].set_ylim(min(lows) * 0.95, max(lows) * 1.03)
     axes[0].set_ylabel('val loss of the export')
     axes[0].legend()
-    for ax, rule in zip(axes[1:], dynamic):
+    for ax, rule in zip(axes[2:], dynamic):
         rows = next(iter(runs[rule].values()))['history']
         for d in domains:
             ax.plot([r['batch'] for r in rows], [r[f'weight/{d}'] for r in rows], label=d)

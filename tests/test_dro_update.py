@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from drpruning_composer.dro.update import chi_square_divergence, drift_ratio, dro_step, sheared_step, smooth
+from drpruning_composer.dro.update import (chi_square_divergence, drift_ratio, dro_mirror_step, dro_step, sheared_step,
+                                           smooth)
 
 
 def _random_cases(n: int = 300):
@@ -113,3 +114,42 @@ def test_smooth_is_an_exponential_moving_average():
     np.testing.assert_allclose(smooth(np.array([1.0, 2.0]), [3.0, 0.0], 0.75), [1.5, 1.5])
     with pytest.raises(ValueError, match='decay'):
         smooth(None, [1.0], 1.0)
+
+
+def test_dro_mirror_step_stays_in_the_ball_above_the_floor_and_is_scale_free():
+    for losses, refs, p, rho, min_prob in _random_cases(200):
+        e = losses - refs
+        q = p.copy()
+        for _ in range(5):
+            q = dro_mirror_step(q, e, p, rho, min_prob, lr=0.7)
+            assert np.all(q >= 0) and q.sum() == pytest.approx(1.0, abs=1e-12)
+            assert np.all(q / p >= min_prob - 1e-12)
+            assert chi_square_divergence(q, p) <= rho * (1 + 1e-9) + 1e-12
+        # The excess is scaled by its spread: nats or a tenth of them, the same step.
+        np.testing.assert_allclose(dro_mirror_step(p, 0.1 * e + 3.0, p, rho, min_prob, lr=0.7),
+                                   dro_mirror_step(p, e, p, rho, min_prob, lr=0.7), atol=1e-12)
+
+
+def test_dro_mirror_step_accumulates_instead_of_jumping():
+    """Inside the ball, one step multiplies the most lagging domain's weight by exp(lr) against the least lagging;
+    a domain keeps the weight it gained once the excesses are equal again, where the best response returns to p."""
+    p = np.array([0.5, 0.3, 0.2])
+    q = dro_mirror_step(p, [0.0, 2.0, 1.0], p, rho=10.0, min_prob=0.0, lr=0.5)
+    assert (q[1] / p[1]) / (q[0] / p[0]) == pytest.approx(np.exp(0.5))
+    assert (q[2] / p[2]) / (q[0] / p[0]) == pytest.approx(np.exp(0.25))
+    np.testing.assert_allclose(dro_mirror_step(q, [1.0, 1.0, 1.0], p, rho=10.0, min_prob=0.0), q)
+    np.testing.assert_allclose(dro_step([1.0, 1.0, 1.0], [0.0] * 3, p, 10.0, 0.0), p)
+    # At the boundary: pulled back toward p along the segment, onto the ball.
+    q = dro_mirror_step(p, [0.0, 5.0, 0.0], p, rho=0.01, min_prob=0.1, lr=3.0)
+    assert chi_square_divergence(q, p) == pytest.approx(0.01, rel=1e-9) and q[1] > p[1]
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(rho=-1.0), 'rho'), (dict(min_prob=1.0), 'min_prob'), (dict(lr=-0.1), 'lr'),
+    (dict(excess=[1.0, float('inf')]), 'finite'), (dict(ref_ratio=[0.5, 0.3, 0.2]), 'same length'),
+])
+def test_dro_mirror_step_rejects_bad_input(kwargs, message):
+    args = dict(weights=[0.5, 0.5], excess=[1.0, 2.0], ref_ratio=[0.5, 0.5], rho=0.1, min_prob=0.1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        dro_mirror_step(**args)
