@@ -19,6 +19,7 @@ data folder's natural token proportions unless `--proportions` gives it.
     python bench/method_quality.py --data DIR --source MODEL --rules constant dro --seeds 1 2 3 4
     python bench/method_quality.py --variant dro-dynamic=callbacks.dro_reweight.reference_loss=dynamic
     python bench/method_quality.py --stage instruct --rules constant dro   # the demo's instruction tasks
+    python bench/method_quality.py --recipe prune_real.yaml --data demo_real/data --source demo_real/source
 
 A `--variant NAME=KEY=VALUE[ KEY=VALUE...]` is one more rule: `dro` with those overrides, run on the same seeds and
 paired against every other rule like `dro`. `--reference dynamic teacher` runs `dro` with each reference loss, and
@@ -123,7 +124,8 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
         first = 'instruct' if args.stage == 'instruct' else 'prune'
         start = time.perf_counter()
         extra = QUICK_PRUNE if args.quick and first == 'prune' else []
-        train(recipe(f'{first}.yaml', data, source, save, [*common, *extra, f'run_name={rule}-seed{seed}']),
+        yaml = args.recipe if first == 'prune' and args.recipe else f'{first}.yaml'
+        train(recipe(yaml, data, source, save, [*common, *extra, f'run_name={rule}-seed{seed}']),
               save / f'{first}.log')
         model = save / 'pruned_hf' if first == 'prune' else save / 'huggingface' / 'model'
         record.write_text(json.dumps({'model': str(model), 'history': str(save / 'dro' / 'history.csv'),
@@ -270,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--stage', default='prune', choices=STAGES,
                    help='prune (judge the pruned export), continue (prune, continue pretraining, judge that), or '
                         'instruct (tune --source on instruction data: the demo\'s four tasks by default)')
+    p.add_argument('--recipe', default=None, metavar='YAML',
+                   help='pruning recipe under yamls/demo (default prune.yaml; prune_real.yaml: SmolLM2-135M, with '
+                        '--data and --source from `python -m drpruning_composer.demo_real --stages source data`)')
     p.add_argument('--quick', action='store_true', help='a few batches per run: a smoke test, not a measurement')
     p.add_argument('--variant', action='append', default=[],
                    help='NAME=KEY=VALUE[ KEY=VALUE...]: one more rule, `dro` with these overrides (repeatable)')
