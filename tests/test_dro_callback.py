@@ -742,6 +742,32 @@ def _simulate_skewed_run(tmp_path: Path, options: dict, evaluations: int = 30) -
     return mixture.weights, losses
 
 
+def _shipped_dro_options(yaml_name: str) -> dict:
+    """`callbacks.dro_reweight` of a shipped YAML, without its run-specific keys; a reference measured on the source
+    model (`teacher`, `source`) is the simulation's source losses."""
+    from omegaconf import OmegaConf
+
+    options = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / 'yamls' / yaml_name))
+    options = options['callbacks']['dro_reweight']
+    options = {k: v for k, v in options.items() if k not in ('domains', 'history_folder') and '${' not in str(v)}
+    if options.get('reference_loss') in ('teacher', 'source'):
+        options['reference_loss'] = SKEWED_SOURCE
+    return options
+
+
+@pytest.mark.parametrize('yaml_name', ['prune_1.3b.yaml', 'prune_llama3_8b_to_3b.yaml', 'demo/prune.yaml', 'demo/prune_real.yaml'])
+def test_default_rule_does_not_feed_the_dominant_domain_that_is_best_off_against_its_source(tmp_path, yaml_name):
+    """Issue 23, item 5: the shipped rule must not move weight onto the dominant domain, which ends better than its
+    source, while the small domains (the worst off against theirs) sit at their floors."""
+    options = _shipped_dro_options(yaml_name)
+    weights, losses = _simulate_skewed_run(tmp_path, options)
+    assert weights[0] <= SKEWED[0] + 1e-9, weights
+    assert np.all(weights[1:] >= np.array(SKEWED[1:]) - 1e-9), weights
+    constant, constant_losses = _simulate_skewed_run(tmp_path, {**options, 'update': 'constant'})
+    degradation = losses / np.array(SKEWED_SOURCE)
+    assert degradation.max() < (constant_losses / np.array(SKEWED_SOURCE)).max()
+
+
 @pytest.mark.parametrize('step', ['best_response', 'mirror'])
 def test_excess_against_the_source_in_its_own_unit_lowers_the_worst_degradation(tmp_path, step):
     """Excess log(L / L_source) (`reference_loss` = the source's losses, `excess: relative`): weight goes to the small
