@@ -139,6 +139,8 @@ class DROReweightCallback(Callback):
             absolute default recipe (1.054 against 1.045, both seeds) and than the fixed mixture. With `teacher`
             (README, "Distillation", 3 seeds, with and without distillation), `relative` gave the same worst-domain
             degradation as `absolute`, within the noise, at a higher mean loss (+0.009 to +0.014 nats).
+            The shipped pruning YAMLs use `relative` with `reference_loss: teacher` and `dro_step: mirror`, which
+            was measured better on the worst domain than this default and than a fixed mixture (docs/dro_update.md).
         use_train_loss_ema: use a per-domain EMA (decay `ema_decay`) of the training loss instead of eval loss.
         min_fit_points: evaluations needed before the scaling law is fitted.
         final_num_params: P at the end of training for the prediction (default: the pruning algorithm's target
