@@ -37,6 +37,14 @@ def _clamped_ratio(scores: np.ndarray, p: np.ndarray, min_prob: float) -> np.nda
         clamped |= newly
 
 
+def _check_ball(rho: float, min_prob: float) -> None:
+    """The chi-square ball's radius and the floor on q/p that `dro_step` and `dro_mirror_step` share."""
+    if rho < 0:
+        raise ValueError(f'rho must be >= 0, got {rho}')
+    if not 0 <= min_prob < 1:
+        raise ValueError(f'min_prob must be in [0, 1), got {min_prob}')
+
+
 def chi_square_divergence(q: np.ndarray, p: np.ndarray) -> float:
     """0.5 * sum_i p_i (q_i/p_i - 1)^2, the divergence bounded by `rho` in the DRO step."""
     p = np.asarray(p, dtype=np.float64)
@@ -65,10 +73,7 @@ def dro_step(
         raise ValueError(f'losses, ref_losses and ref_ratio must have the same length, got {e.shape} and {p.shape}')
     if not np.all(np.isfinite(e)):
         raise ValueError(f'losses and ref_losses must be finite, got excess {e!r}')
-    if rho < 0:
-        raise ValueError(f'rho must be >= 0, got {rho}')
-    if not 0 <= min_prob < 1:
-        raise ValueError(f'min_prob must be in [0, 1), got {min_prob}')
+    _check_ball(rho, min_prob)
 
     support = p > 0
     spread = float(e[support].max() - e[support].min())
@@ -138,10 +143,7 @@ def dro_mirror_step(
                          f'{p.shape}')
     if not np.all(np.isfinite(e)):
         raise ValueError(f'excess must be finite, got {e!r}')
-    if rho < 0:
-        raise ValueError(f'rho must be >= 0, got {rho}')
-    if not 0 <= min_prob < 1:
-        raise ValueError(f'min_prob must be in [0, 1), got {min_prob}')
+    _check_ball(rho, min_prob)
     if lr < 0:
         raise ValueError(f'lr must be >= 0, got {lr}')
     support = p > 0
