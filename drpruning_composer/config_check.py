@@ -369,7 +369,8 @@ def check_dro_proportions(cfg: DictConfig) -> None:
     if dro is None or not isinstance(proportions, ListConfig):
         return
     update = str(dro.get('update', 'dro'))
-    if update == 'dro' and isinstance(dro.get('reference_ratio'), ListConfig):
+    mirror_without_floor = dro.get('dro_step') == 'mirror' and float(dro.get('min_prob', 0.1)) == 0
+    if update == 'dro' and isinstance(dro.get('reference_ratio'), ListConfig) and not mirror_without_floor:
         return  # `dro` reads the fixed reference_ratio (checked with the callback's options), not the proportions
     domains = list(((cfg.get('train_loader') or {}).get('dataset') or {}).get('domains') or [])
     try:

@@ -282,6 +282,8 @@ def test_mismatch_with_loaders_raises_at_fit_start(fake_state, change, message):
     ('sheared', {}, False),  # the uniform smoothing gives every domain weight
     ('constant', {}, False),  # weights never move: a domain at 0 is only evaluated
     ('dro', {'reference_ratio': [0.4, 0.3, 0.3]}, False),  # `dro` reads the fixed ratio, which is positive
+    ('dro', {'reference_ratio': [0.4, 0.3, 0.3], 'dro_step': 'mirror', 'min_prob': 0.0}, True),  # from the weights
+    ('dro', {'reference_ratio': [0.4, 0.3, 0.3], 'dro_step': 'mirror'}, False),  # the floor gives it p * min_prob
 ])
 def test_domain_at_proportion_zero_is_refused_where_it_could_never_gain_weight(fake_state, update, options, refused):
     """Issue 20, item 5: `proportions: [.., 0.0]` with DRO left that domain at weight 0 for the whole run, whatever
@@ -699,8 +701,9 @@ if __name__ == '__main__':
 
 
 # A skewed mixture in closed loop: each domain's eval loss follows its own learning curve in the tokens the mixture
-# gave it. The dominant domain (60%) starts furthest above its source (+0.9 nats after the cut) and learns fast, so
-# it ends below its source; the two small ones rise by 0.3 nats (+20%) and barely recover. In absolute terms the
+# gave it so far. The dominant domain (60%) starts furthest above its source (+0.8 nats at the first evaluation) and
+# learns fast, so under the fixed mixture it ends below its source; the two small ones start 0.3 nats (+20%) above
+# theirs and barely recover. In absolute terms the
 # dominant one degrades most, relative to its source it is best off: the promise (worst-domain L / L_source) is
 # decided on the small ones.
 SKEWED = [0.6, 0.2, 0.2]
@@ -735,31 +738,44 @@ def _simulate_skewed_run(tmp_path: Path, options: dict, evaluations: int = 30) -
     logger = Logger(state, [])
     callback.run_event(Event.FIT_START, state, logger)
     for k in range(1, evaluations + 1):
-        state.timestamp = Timestamp(batch=100 * k, sample=400 * k)
+        state.timestamp = Timestamp(batch=100 * k, sample=400 * k, sample_in_epoch=400 * k)
         state.get_elapsed_duration = lambda k=k: k / evaluations
         losses = _skewed_losses(mixture.samples_per_domain(400 * k).astype(np.float64) * 4)
         _evaluate(callback, state, logger, losses)
     return mixture.weights, losses
 
 
-def _shipped_dro_options(yaml_name: str) -> dict:
-    """`callbacks.dro_reweight` of a shipped YAML, without its run-specific keys; a reference measured on the source
-    model (`teacher`, `source`) is the simulation's source losses."""
+def _shipped_dro_options(yaml_path: Path) -> dict:
+    """`callbacks.dro_reweight` of a shipped YAML, resolved, without its run-specific keys; a reference measured on
+    the source model (`teacher`, `source`) is the simulation's source losses."""
     from omegaconf import OmegaConf
 
-    options = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / 'yamls' / yaml_name))
-    options = options['callbacks']['dro_reweight']
-    options = {k: v for k, v in options.items() if k not in ('domains', 'history_folder') and '${' not in str(v)}
+    cfg = OmegaConf.load(yaml_path)
+    options = {k: OmegaConf.to_container(cfg.callbacks.dro_reweight, resolve=True)[k]
+               for k in cfg.callbacks.dro_reweight if k not in ('domains', 'history_folder')}
     if options.get('reference_loss') in ('teacher', 'source'):
         options['reference_loss'] = SKEWED_SOURCE
     return options
 
 
-@pytest.mark.parametrize('yaml_name', ['prune_1.3b.yaml', 'prune_llama3_8b_to_3b.yaml', 'demo/prune.yaml', 'demo/prune_real.yaml'])
-def test_default_rule_does_not_feed_the_dominant_domain_that_is_best_off_against_its_source(tmp_path, yaml_name):
-    """Issue 23, item 5: the shipped rule must not move weight onto the dominant domain, which ends better than its
-    source, while the small domains (the worst off against theirs) sit at their floors."""
-    options = _shipped_dro_options(yaml_name)
+def _shipped_pruning_yamls() -> list[Path]:
+    """Every shipped YAML that prunes (`l0_mask`) and mixes with `dro_reweight`."""
+    from omegaconf import OmegaConf
+
+    found = []
+    for path in sorted((Path(__file__).parents[1] / 'yamls').rglob('*.yaml')):
+        cfg = OmegaConf.load(path)
+        if 'l0_mask' in (cfg.get('algorithms') or {}) and 'dro_reweight' in (cfg.get('callbacks') or {}):
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize('yaml_path', _shipped_pruning_yamls(), ids=lambda p: p.name)
+def test_shipped_rule_does_not_feed_the_dominant_domain_that_is_best_off_against_its_source(tmp_path, yaml_path):
+    """Issue 23, item 5: the shipped pruning rule must not move weight onto the dominant domain, which degrades most
+    in nats but least against its source, while the small domains (the worst off against theirs) sit at their
+    floors; the previous rule ended with the dominant domain at 0.95 of the mixture."""
+    options = _shipped_dro_options(yaml_path)
     weights, losses = _simulate_skewed_run(tmp_path, options)
     assert weights[0] <= SKEWED[0] + 1e-9, weights
     assert np.all(weights[1:] >= np.array(SKEWED[1:]) - 1e-9), weights
@@ -780,3 +796,49 @@ def test_excess_against_the_source_in_its_own_unit_lowers_the_worst_degradation(
     assert weights[0] < SKEWED[0] and np.all(weights[1:] > np.array(SKEWED[1:]))
     source = np.array(SKEWED_SOURCE)
     assert (losses / source).max() < (constant_losses / source).max() - 0.005
+
+
+def test_mirror_step_chains_from_the_current_weights_and_survives_a_checkpoint(fake_state, tmp_path):
+    """`dro_step: mirror`: two evaluations with the same excess are two chained `dro_mirror_step`s from the mixture's
+    weights (not one best response), and a callback restored from its state dict, with the mixture, takes the same
+    next step."""
+    from types import SimpleNamespace
+
+    import torch
+    from composer.core import Event, Timestamp
+    from composer.loggers import Logger
+
+    from drpruning_composer.data.mixture import DynamicMixtureDataset
+    from drpruning_composer.dro.callback import DROReweightCallback
+    from drpruning_composer.dro.update import dro_mirror_step, dro_step
+
+    def start(mixture):
+        state = SimpleNamespace(**vars(fake_state))
+        state.train_dataloader = torch.utils.data.DataLoader(mixture)
+        state.timestamp = Timestamp(batch=3, sample=12, sample_in_epoch=12)
+        callback = DROReweightCallback(domains=DOMAINS, reference_loss=[1.0, 1.0, 1.0], dro_step='mirror',
+                                       mirror_lr=0.3, rho=10.0, min_prob=0.0, excess_smoothing=0.0,
+                                       history_folder=str(tmp_path / '{run_name}'), plot_interval=0)
+        logger = Logger(state, [])
+        callback.run_event(Event.FIT_START, state, logger)
+        return state, callback, logger
+
+    p = np.array([0.5, 0.3, 0.2])
+    losses = np.array([1.2, 1.5, 1.1])
+    mixture = DynamicMixtureDataset(DOMAINS, [range(5)] * 3, p, max_seq_len=4, seed=0)
+    state, callback, logger = start(mixture)
+    expected = p
+    for _ in range(2):
+        _evaluate(callback, state, logger, losses)
+        expected = dro_mirror_step(expected, losses - 1.0, p, 10.0, 0.0, 0.3)
+        np.testing.assert_allclose(mixture.weights, expected, rtol=1e-12)
+    assert not np.allclose(mixture.weights, dro_step(losses, [1.0] * 3, p, 10.0, 0.0))
+    saved_callback = callback.state_dict()
+    saved_mixture = mixture.state_dict(int(state.timestamp.sample), True)
+    _evaluate(callback, state, logger, losses)
+    restored_mixture = DynamicMixtureDataset(DOMAINS, [range(5)] * 3, p, max_seq_len=4, seed=0)
+    restored_mixture.load_state_dict(saved_mixture)
+    state2, restored, logger2 = start(restored_mixture)
+    restored.load_state_dict(saved_callback)
+    _evaluate(restored, state2, logger2, losses)
+    np.testing.assert_array_equal(restored_mixture.weights, mixture.weights)

@@ -110,8 +110,9 @@ class DROReweightCallback(Callback):
             ball for this evaluation's excess, `dro_step`; the paper's rule) or `mirror` (an exponentiated-gradient
             step of size `mirror_lr` from the current weights, kept in the same ball, `dro_mirror_step`: the weights
             accumulate evidence instead of jumping to each evaluation's worst case).
-        mirror_lr: step size of `dro_step: mirror`: per update, the domain with the largest excess gains at most a
-            factor exp(mirror_lr) against the one with the smallest (the excess is scaled by its spread).
+        mirror_lr: step size of `dro_step: mirror`: per update, before the floor and the ball, the domain with the
+            largest excess gains a factor exp(mirror_lr) against the one with the smallest (the excess is scaled by
+            its spread); per evaluation, so the rate per run grows with the number of evaluations.
         sheared_lr, sheared_smoothing: step size and uniform smoothing for `sheared`.
         reference_loss: one loss per domain; `dynamic` (per-domain scaling-law prediction at the end of training,
             at the target size while pruning; no update until every domain has a prediction); or `source` (each
@@ -295,7 +296,9 @@ class DROReweightCallback(Callback):
         check_domains(self.domains, mixture.domains, labels, self.use_train_loss_ema)
         self._fix_weight_lag(state.train_dataloader)
         if self.initial_ratio is None:
-            if self.static_ratio is None or self.update != 'dro':  # `dro` reads a fixed reference_ratio instead
+            # `dro` reads a fixed reference_ratio instead, except the mirror step without a floor, which starts from
+            # the mixture's weights and keeps a 0 at 0.
+            if self.static_ratio is None or self.update != 'dro' or (self.dro_step == 'mirror' and self.min_prob == 0):
                 check_no_zero_proportion(self.domains, mixture.weights, 'train_loader.dataset.proportions',
                                          self.update, self.sheared_smoothing)
             self.initial_ratio = mixture.weights

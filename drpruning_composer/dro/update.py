@@ -115,14 +115,17 @@ def dro_mirror_step(
 
     An exponentiated-gradient step on the excess loss e, as group DRO updates its group weights (Sagawa et al. 2020,
     Algorithm 1), with e scaled by its spread over the domains so that `lr` has no unit:
-    q' = normalise(q * exp(lr * (e - max e) / (max e - min e))). Each update multiplies the weight of the domain with
-    the largest excess by exp(lr) relative to the one with the smallest, whether the excess is in nats or a log-ratio
-    and whatever the model's scale. The ratio q'/p is floored at `min_prob` as in `dro_step`; if q' leaves the
-    chi-square ball 0.5 * sum p (q/p - 1)^2 <= rho around the reference ratio p, it is pulled back toward p along the
-    segment, q = p + t (q' - p) with t = sqrt(rho / divergence(q')) (the divergence is quadratic in t), so the floor
-    still holds. Unlike the best response, which jumps to the worst case of each evaluation's excess, q accumulates:
-    a domain gains weight while it lags the others and keeps what it gained when it stops lagging. Equal excesses
-    leave q where it is (inside the ball).
+    q' = normalise(q * exp(lr * (e - max e) / (max e - min e))): before the floor and the ball, the domain with the
+    largest excess gains a factor exp(lr) against the one with the smallest, whether the excess is in nats or a
+    log-ratio. The ratio q'/p is then floored at `min_prob` as in `dro_step`; if q' leaves the chi-square ball
+    0.5 * sum p (q/p - 1)^2 <= rho around the reference ratio p, it is pulled back toward p along the segment,
+    q = p + t (q' - p) with t = sqrt(rho / divergence(q')) (the divergence is quadratic in t), so the floor still
+    holds. At the boundary the pull-back mixes in a move toward p, which can change the per-domain factors (it is not
+    a KL projection). Unlike the best response, which jumps to the worst case of each evaluation's excess, q
+    accumulates: equal excesses leave q unchanged when it is inside the ball and above the floor. Because the step
+    is scaled by the spread, any difference between the excesses moves q by a full step: near balance the weights
+    move by noise (the callback's `excess_smoothing` averages it first), and the rate per run grows with the number
+    of evaluations.
 
     Args:
         weights: current mixture q, one entry per domain (normalised here).
@@ -130,7 +133,8 @@ def dro_mirror_step(
         ref_ratio: reference ratio p, the centre of the ball.
         rho: ball radius (>= 0; 0 returns p).
         min_prob: floor on q/p, in [0, 1).
-        lr: step size per update (>= 0): log of the largest factor between two domains' changes.
+        lr: step size per update (finite, >= 0): log of the factor between the largest- and smallest-excess
+            domains' changes before the floor and the ball.
 
     Raises:
         ValueError: on lengths that differ, non-finite excess, or an option out of range.
@@ -144,8 +148,8 @@ def dro_mirror_step(
     if not np.all(np.isfinite(e)):
         raise ValueError(f'excess must be finite, got {e!r}')
     _check_ball(rho, min_prob)
-    if lr < 0:
-        raise ValueError(f'lr must be >= 0, got {lr}')
+    if not (np.isfinite(lr) and lr >= 0):
+        raise ValueError(f'lr must be a finite number >= 0, got {lr}')
     support = p > 0
     q = np.where(support, q, 0.0)
     if q.sum() <= 0:
