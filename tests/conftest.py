@@ -26,10 +26,15 @@ TINY_TARGET = {'num_hidden_layers': 1, 'hidden_size': 48, 'num_attention_heads':
                'intermediate_size': 64}
 
 
+# The tiny fixture's source is a config without weights (`model.pretrained=false`); the pruning YAMLs' DRO reference
+# (`teacher`: the source's loss) needs weights, so runs on it measure the excess against the dynamic reference.
+NO_WEIGHTS_REFERENCE = 'callbacks.dro_reweight.reference_loss=dynamic'
+
+
 def tiny_prune_overrides(demo: Path, save_folder: Path) -> list[str]:
     """yamls/demo/prune.yaml shrunk to the tiny fixture (random-init source): a few seconds per batch at most."""
     return [f'variables.demo={demo}', 'variables.max_seq_len=64', f'variables.source_model={demo}/tiny_llama',
-            'model.pretrained=false', f'variables.save_folder={save_folder}', 'global_train_batch_size=4',
+            'model.pretrained=false', NO_WEIGHTS_REFERENCE, f'variables.save_folder={save_folder}', 'global_train_batch_size=4',
             'eval_subset_num_batches=1', 'eval_interval=2ba', *(f'algorithms.l0_mask.target.{k}={v}'
                                                                 for k, v in TINY_TARGET.items())]
 

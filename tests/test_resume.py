@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_prune_overrides
+from conftest import NO_WEIGHTS_REFERENCE, REPO, tiny_prune_overrides
 from drpruning_composer.config_check import ConfigError, check_resume, load_and_check
 from drpruning_composer.resume import INTERRUPTED, LATEST, prepare_resume
 
@@ -166,7 +166,7 @@ def test_save_folder_without_autoresume_fails_before_training(tiny_demo, tmp_pat
     monkeypatch.delenv('RUN_NAME', raising=False)
     save = tmp_path / 'save'
     base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama',
-            f'variables.save_folder={save}', 'variables.max_seq_len=64']
+            f'variables.save_folder={save}', 'variables.max_seq_len=64', NO_WEIGHTS_REFERENCE]
     cfg = load_and_check(PRUNE, [*base, 'save_overwrite=false'])
     with pytest.raises(ConfigError, match=r'^autoresume: .* Set autoresume=true'):
         check_resume(cfg)

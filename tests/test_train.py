@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import DOMAINS, REPO, tiny_prune_overrides
+from conftest import DOMAINS, NO_WEIGHTS_REFERENCE, REPO, tiny_prune_overrides
 from drpruning_composer.config_check import ConfigError, check_config, load_and_check
 
 PRETRAIN = str(REPO / 'yamls' / 'demo' / 'pretrain.yaml')
@@ -72,7 +72,7 @@ PRUNE = str(REPO / 'yamls' / 'demo' / 'prune.yaml')
 
 
 def test_dro_domain_mismatch_fails_before_training(tiny_demo):
-    base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama']
+    base = [f'variables.demo={tiny_demo}', f'variables.source_model={tiny_demo}/tiny_llama', NO_WEIGHTS_REFERENCE]
     with pytest.raises(ConfigError, match=r'^callbacks.dro_reweight.domains: .* must equal train_loader.dataset'):
         load_and_check(PRUNE, [*base, 'callbacks.dro_reweight.domains=[c_headers,prose,python,recs]'])
     with pytest.raises(ConfigError, match=r'^train_loader.dataset.local: data folder .*/data/code/train does not'):
