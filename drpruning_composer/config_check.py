@@ -362,15 +362,15 @@ def check_durations(cfg: DictConfig) -> None:
 
 def check_dro_proportions(cfg: DictConfig) -> None:
     """A domain that starts at proportion 0 must be able to gain weight under dro_reweight's update rule."""
-    from drpruning_composer.dro.callback import check_no_zero_proportion
+    from drpruning_composer.dro.callback import check_no_zero_proportion, mixture_weights_bound_dro
 
     dro = (cfg.get('callbacks') or {}).get('dro_reweight')
     proportions = ((cfg.get('train_loader') or {}).get('dataset') or {}).get('proportions')
     if dro is None or not isinstance(proportions, ListConfig):
         return
     update = str(dro.get('update', 'dro'))
-    mirror_without_floor = dro.get('dro_step') == 'mirror' and float(dro.get('min_prob', 0.1)) == 0
-    if update == 'dro' and isinstance(dro.get('reference_ratio'), ListConfig) and not mirror_without_floor:
+    if not mixture_weights_bound_dro(update, isinstance(dro.get('reference_ratio'), ListConfig),
+                                     str(dro.get('dro_step', 'best_response')), float(dro.get('min_prob', 0.1))):
         return  # `dro` reads the fixed reference_ratio (checked with the callback's options), not the proportions
     domains = list(((cfg.get('train_loader') or {}).get('dataset') or {}).get('domains') or [])
     try:

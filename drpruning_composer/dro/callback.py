@@ -70,6 +70,16 @@ def zero_weight_is_final(update: str, sheared_smoothing: float) -> bool:
     return update == 'dro' or (update == 'sheared' and sheared_smoothing <= 0)
 
 
+def mixture_weights_bound_dro(update: str, fixed_reference_ratio: bool, dro_step: str, min_prob: float) -> bool:
+    """Whether the mixture's starting proportions (not a fixed `reference_ratio`) limit which domains can gain weight.
+
+    `dro` with a fixed reference_ratio moves within a ball around that ratio, except the mirror step without a floor
+    (`min_prob: 0`), which starts from the mixture's weights and keeps a 0 at 0. Shared by the callback and
+    `train.py`'s pre-flight check.
+    """
+    return not (update == 'dro' and fixed_reference_ratio) or (dro_step == 'mirror' and min_prob == 0)
+
+
 def check_no_zero_proportion(domains: Sequence[str], proportions: Sequence[float], key: str, update: str,
                              sheared_smoothing: float = 1e-4) -> None:
     """Refuse a domain at proportion 0 that the update rule could never give weight (see `zero_weight_is_final`).
@@ -296,9 +306,7 @@ class DROReweightCallback(Callback):
         check_domains(self.domains, mixture.domains, labels, self.use_train_loss_ema)
         self._fix_weight_lag(state.train_dataloader)
         if self.initial_ratio is None:
-            # `dro` reads a fixed reference_ratio instead, except the mirror step without a floor, which starts from
-            # the mixture's weights and keeps a 0 at 0.
-            if self.static_ratio is None or self.update != 'dro' or (self.dro_step == 'mirror' and self.min_prob == 0):
+            if mixture_weights_bound_dro(self.update, self.static_ratio is not None, self.dro_step, self.min_prob):
                 check_no_zero_proportion(self.domains, mixture.weights, 'train_loader.dataset.proportions',
                                          self.update, self.sheared_smoothing)
             self.initial_ratio = mixture.weights

@@ -45,6 +45,12 @@ def _check_ball(rho: float, min_prob: float) -> None:
         raise ValueError(f'min_prob must be in [0, 1), got {min_prob}')
 
 
+def _spread(e: np.ndarray, support: np.ndarray) -> float:
+    """max - min of the excess over the support, or 0 when the excesses are equal up to rounding."""
+    spread = float(e[support].max() - e[support].min())
+    return spread if spread > 1e-12 * max(1.0, float(np.abs(e[support]).max())) else 0.0
+
+
 def chi_square_divergence(q: np.ndarray, p: np.ndarray) -> float:
     """0.5 * sum_i p_i (q_i/p_i - 1)^2, the divergence bounded by `rho` in the DRO step."""
     p = np.asarray(p, dtype=np.float64)
@@ -76,8 +82,8 @@ def dro_step(
     _check_ball(rho, min_prob)
 
     support = p > 0
-    spread = float(e[support].max() - e[support].min())
-    if rho == 0 or spread <= 1e-12 * max(1.0, float(np.abs(e[support]).max())):
+    spread = _spread(e, support)
+    if rho == 0 or spread == 0:
         return p.copy()
 
     def ratio_at(eta: float) -> np.ndarray:
@@ -154,8 +160,8 @@ def dro_mirror_step(
     q = np.where(support, q, 0.0)
     if q.sum() <= 0:
         q = p.copy()
-    spread = float(e[support].max() - e[support].min())
-    step = (e - e[support].max()) / spread if spread > 1e-12 * max(1.0, float(np.abs(e[support]).max())) else 0 * e
+    spread = _spread(e, support)
+    step = (e - e[support].max()) / spread if spread else np.zeros_like(e)
     with np.errstate(divide='ignore'):
         logits = np.log(q / q.sum()) + lr * step
     moved = np.exp(logits) * support
