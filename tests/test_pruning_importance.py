@@ -55,10 +55,88 @@ def test_collector_scores_a_dead_unit_zero_and_ranks_it_last():
     assert collector.sums['tokens'].item() == 2 * 3 * 16 and not collector.pending
     assert scores['query_head'][0, 1].abs().max() == 0 and scores['query_head'][0, 0].min() > 0
     assert scores['intermediate'][1, 5] == 0 and scores['intermediate'][1].argmin() == 5
-    assert (scores['layer'] > 0).all() and (scores['hidden'] > 0).all()
+    assert (scores['hidden'] > 0).all() and (scores['layer'] == 0).all()  # layers: only by `measure_layer_ablation`
     collector.remove()
     model.train()(input_ids=ids)
     assert not collector.pending  # hooks removed
+
+
+def _calibrated(model, ids: torch.Tensor) -> tuple[ImportanceCollector, dict[str, torch.Tensor]]:
+    source, _ = _shape()
+    collector = ImportanceCollector(model, source)
+    model.train()(input_ids=ids)
+    return collector, collector.scores() if collector.sync(lambda t: None, 'cpu') is None else None
+
+
+def test_width_scores_are_the_norms_of_what_each_unit_writes_into_the_residual_stream():
+    """The head score is mean_t ||W_o[:, h] z_h(t)||, the channel score mean_t |a_j(t)| ||W_down[:, j]||: a head
+    with large values but zero W_o columns writes nothing and scores 0; scaling its W_o columns by c scales its score
+    by c."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG))
+    source, _ = _shape()
+    d = source.head_dim
+    ids = torch.randint(0, CONFIG['vocab_size'], (3, 16), generator=torch.Generator().manual_seed(1))
+    o_proj, down_proj = model.model.layers[0].self_attn.o_proj, model.model.layers[0].mlp.down_proj
+    inputs = []
+    handle = o_proj.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    collector, before = _calibrated(model, ids)
+    collector.remove()
+    handle.remove()
+    z = inputs[0].flatten(0, 1).unflatten(-1, (source.num_attention_heads, d))  # [tokens, H, D]
+    direct = torch.stack([(z[:, h] @ o_proj.weight[:, h * d:(h + 1) * d].T).norm(dim=-1).mean()
+                          for h in range(source.num_attention_heads)])
+    torch.testing.assert_close(before['query_head'][0].flatten(), direct.detach(), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        o_proj.weight[:, :d] = 0  # query head 0 of layer 0 writes nothing, whatever its values
+        o_proj.weight[:, d:2 * d] *= 3.0
+        down_proj.weight[:, 7] *= 0.5
+    inputs = []
+    handle = down_proj.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    collector, after = _calibrated(model, ids)
+    collector.remove()
+    handle.remove()
+    heads_before, heads_after = before['query_head'][0].flatten(), after['query_head'][0].flatten()
+    assert heads_after[0] == 0 and heads_after.argmin() == 0
+    torch.testing.assert_close(heads_after[1:], heads_before[1:] * torch.tensor([3.0, 1.0, 1.0]), rtol=1e-5, atol=0)
+    direct = inputs[0].flatten(0, 1).abs().mean(0) * down_proj.weight.detach().norm(dim=0)
+    torch.testing.assert_close(after['intermediate'][0], direct, rtol=1e-5, atol=0)
+
+
+def test_layer_score_is_the_loss_increase_when_that_layer_is_removed():
+    """`measure_layer_ablation` equals the loss of the model rebuilt without the layer minus the full model's, and a
+    layer that writes nothing (zero W_o and W_down) scores exactly 0."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**CONFIG, 'num_hidden_layers': 3})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.o_proj.weight.zero_()
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+    source = ModelShape.from_config(config)
+    ids = torch.randint(0, CONFIG['vocab_size'], (3, 16), generator=torch.Generator().manual_seed(1))
+    collector = ImportanceCollector(model, source)
+    model.train()(input_ids=ids)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(model.eval()(input_ids=ids, labels=ids).loss)
+
+    collector.measure_layer_ablation(loss)
+    collector.sync(lambda t: None, 'cpu')
+    collector.remove()
+    scores = collector.scores()['layer']
+    full = loss()
+    for index in range(3):
+        without = AutoModelForCausalLM.from_config(LlamaConfig(**{**CONFIG, 'num_hidden_layers': 2})).eval()
+        state = {k: v for k, v in model.state_dict().items() if f'layers.{index}.' not in k}
+        kept = [i for i in range(3) if i != index]
+        state = {k.replace(f'layers.{old}.', f'layers.{new}.'): v for k, v in state.items()
+                 for new, old in enumerate(kept) if f'layers.{old}.' in k or 'layers.' not in k}
+        without.load_state_dict(state)
+        with torch.no_grad():
+            expected = float(without(input_ids=ids, labels=ids).loss) - full
+        assert abs(scores[index].item() - expected) < 1e-5, index
+    assert scores[2] == 0 and (scores[:2] != 0).all()
 
 
 class _Snapshots(Callback):

@@ -172,6 +172,8 @@ class L0MaskAlgorithm(Algorithm):
         elif event == Event.AFTER_TRAIN_BATCH:
             logger.log_metrics(self.masks.metrics())
         elif event == Event.BATCH_END and self.calibrating:  # timestamp.batch: the batches done, this one included
+            if 'layer' in self.masks.active:
+                self.collector.measure_layer_ablation(partial(self._calibration_loss, state))
             self.collector.sync(partial(dist.all_reduce, reduce_operation='SUM'), self._mask_device())
             if int(state.timestamp.batch) >= self.hparams['importance_batches']:
                 self.finish_calibration(state, logger)  # before this batch's checkpoint, which then holds the result
@@ -252,6 +254,28 @@ class L0MaskAlgorithm(Algorithm):
         log.info('l0_mask: masks initialised from the importance of %d calibration tokens; kept fraction per mask '
                  'type: %s', tokens, kept)
         logger.log_metrics({'l0/importance_tokens': float(tokens)})
+
+    @torch.no_grad()
+    def _calibration_loss(self, state: State) -> float:
+        """This rank's loss on the current batch, in evaluation mode with every gate on (soft gates at the initial
+        logits are exactly 1), in microbatches of the training size."""
+        model, masks = state.model, self.masks
+        was_training, eval_mode = model.training, masks.eval_mode
+        batch = state.batch
+        rows = len(batch['input_ids'])
+        step = state.device_train_microbatch_size if isinstance(state.device_train_microbatch_size, int) else rows
+        model.eval()
+        masks.eval_mode = 'soft'
+        try:
+            total = 0.0
+            for start in range(0, rows, step):
+                micro = {k: v[start:start + step] if torch.is_tensor(v) and v.dim() and len(v) == rows else v
+                         for k, v in batch.items()}
+                total += float(model.loss(model(micro), micro)) * len(micro['input_ids'])
+        finally:
+            model.train(was_training)
+            masks.eval_mode = eval_mode
+        return total / rows
 
     def _mask_device(self) -> torch.device:
         """Where the masks' parameters live once the model is placed (the device collectives need)."""
