@@ -99,7 +99,9 @@ class L0MaskAlgorithm(Algorithm):
             each layer's heads and MLP channels, each KV group's query heads) or 'global' ((mean s - t)^2).
         init: 'uniform' (every mask logit starts at init_log_alpha; the Lagrangian shrinks the model gradually from
             the source size) or 'importance' (the first `importance_batches` training batches measure each unit's
-            activation importance, masks frozen; then the units the target keeps by importance get +init_log_alpha
+            importance, masks frozen: `importance.py`; width units by the norm of what they write into the
+            residual stream, layers by the loss increase when skipped, one extra evaluation forward per layer and
+            batch when layers are pruned; then the units the target keeps by importance get +init_log_alpha
             and the others -init_log_alpha: training continues from the one-shot pruned model and the masks refine
             it; the target sparsity is then the final one, so lagrangian_warmup has no effect).
         importance_batches: calibration batches of 'importance' (they also train the weights as usual).
