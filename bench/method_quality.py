@@ -148,6 +148,22 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     return run
 
 
+def source_evaluation(source: Path, data: Path, tasks: Path | None, out: Path, reuse: bool) -> dict:
+    """The source model's whole-split evaluation, kept in `out/source.json` and, with `reuse`, read back when it was
+    made for the same source, data and tasks (a real model's takes minutes on CPU)."""
+    from drpruning_composer.evaluate import evaluate
+
+    key = {'source': str(source), 'data': str(data), 'tasks': str(tasks) if tasks else None}
+    cache = out / 'source.json'
+    if reuse and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved['key'] == key:
+            return saved['evaluation']
+    evaluation = evaluate([str(source)], str(data), max_samples=None, tasks=tasks)[0]
+    cache.write_text(json.dumps({'key': key, 'evaluation': evaluation}))
+    return evaluation
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (nan with fewer than 2 values)."""
     v = np.asarray(values, dtype=np.float64)
@@ -279,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--variant', action='append', default=[],
                    help='NAME=KEY=VALUE[ KEY=VALUE...]: one more rule, `dro` with these overrides (repeatable)')
     p.add_argument('--override', action='append', default=[], help='YAML override for every run (repeatable)')
-    p.add_argument('--reuse', action='store_true', help='keep finished runs under --out')
+    p.add_argument('--reuse', action='store_true',
+                   help="keep finished runs and the source's evaluation under --out: a benchmark too long for one "
+                        'sitting, or split over processes by --seeds and --rules, adds up across invocations')
     p.add_argument('--distill', nargs='?', type=float, const=0.5, default=None, metavar='ALPHA',
                    help='also run every rule with distillation from the source model (`NAME+kd`, alpha 0.5 unless '
                         'given), paired by seed with its LM-loss run')
@@ -290,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
                    help='per-domain continuation tasks (drpruning-make-tasks) to score every model on; built from '
                         "--data with the source's tokenizer if the folder does not exist")
     args = p.parse_args(argv)
-    from drpruning_composer.evaluate import evaluate
-
     try:
         args.variants = parse_variants(args.variant)
     except ValueError as e:
@@ -313,13 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         from drpruning_composer.data.tasks import make_tasks
 
         make_tasks(data, str(source), args.tasks)
-    source_eval = evaluate([str(source)], str(data), max_samples=None, tasks=args.tasks)[0]
-    source_loss = source_eval['loss']
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every rule for the seeds it finished
         for rule in rules:
             print(f'== {rule}, seed {seed}', flush=True)
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
+    source_eval = source_evaluation(source, data, args.tasks, args.out, args.reuse)
+    source_loss = source_eval['loss']
     summary = summarise(runs, source_loss, [r for r in rules if args.specs[r][0] == 'dro'])
     samples = split_samples(data, 'val')
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))

@@ -108,3 +108,25 @@ def test_rule_specs_pair_lm_and_distillation_runs_and_pass_preflight(tiny_demo, 
         cfg = load_and_check(str(recipe('prune.yaml', tiny_demo / 'data', source, tmp_path / rule, overrides)))
         assert cfg['callbacks']['dro_reweight']['update'] == ('constant' if rule.startswith('constant') else 'dro')
         assert ('distill' in cfg['algorithms']) == rule.endswith('+kd')
+
+
+def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_path, monkeypatch):
+    """The source's evaluation is written under --out; with reuse it is read back for the same source, data and
+    tasks, and made again for any other (a stale cache would judge every run against the wrong model)."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    import drpruning_composer.evaluate as evaluate_module
+    from method_quality import source_evaluation
+
+    calls = []
+
+    def fake_evaluate(models, data, max_samples=None, tasks=None):
+        calls.append((models[0], data))
+        return [{'model': models[0], 'loss': {'a': float(len(calls))}}]
+
+    monkeypatch.setattr(evaluate_module, 'evaluate', fake_evaluate)
+    first = source_evaluation(tmp_path / 's1', tmp_path / 'data', None, tmp_path, reuse=True)
+    assert source_evaluation(tmp_path / 's1', tmp_path / 'data', None, tmp_path, reuse=True) == first
+    assert len(calls) == 1
+    assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True)['loss'] == {'a': 2.0}
+    assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=False)['loss'] == {'a': 3.0}
+    assert len(calls) == 3
