@@ -160,7 +160,9 @@ def source_evaluation(source: Path, data: Path, tasks: Path | None, out: Path, r
         if saved['key'] == key:
             return saved['evaluation']
     evaluation = evaluate([str(source)], str(data), max_samples=None, tasks=tasks)[0]
-    cache.write_text(json.dumps({'key': key, 'evaluation': evaluation}))
+    partial = cache.with_suffix('.json.partial')  # written whole, then renamed: a crash leaves no half file
+    partial.write_text(json.dumps({'key': key, 'evaluation': evaluation}))
+    partial.replace(cache)
     return evaluation
 
 
