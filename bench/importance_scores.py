@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from drpruning_composer.evaluate import domain_loss, read_split  # noqa: E402
-from drpruning_composer.pruning.export import compact_state_dict, kept_indices, pruned_config  # noqa: E402
+from drpruning_composer.pruning.export import LOG_ALPHA_PREFIX, pruned_weights  # noqa: E402
 from drpruning_composer.pruning.importance import ImportanceCollector, importance_log_alpha  # noqa: E402
 from drpruning_composer.pruning.structure import ModelShape, required_masks, resolve_target  # noqa: E402
+from recipes import domains_of  # noqa: E402
 
 TARGET = {'num_hidden_layers': 20, 'hidden_size': 448, 'num_attention_heads': 6, 'num_key_value_heads': 3,
           'intermediate_size': 1024}
@@ -91,14 +92,13 @@ def project_scores(model: nn.Module, shape: ModelShape, batches: list[torch.Tens
 def one_shot_losses(model: nn.Module, shape: ModelShape, scores: dict[str, torch.Tensor], fields: tuple[str, ...],
                     val: dict[str, np.ndarray]) -> dict[str, float]:
     """Loss per domain of the source cut to TARGET's `fields` (the others kept) by `scores`, without training."""
-    target = resolve_target(shape, {k: TARGET[k] for k in fields})
-    log_alpha = importance_log_alpha(scores, required_masks(shape, target), target, 5.0)
-    state = compact_state_dict(model.state_dict(), kept_indices(log_alpha, shape, target))
-    config = pruned_config(model.config.to_dict(), target, torch.float32)
+    target = {k: TARGET[k] for k in fields}
+    shape_target = resolve_target(shape, target)
+    log_alpha = importance_log_alpha(scores, required_masks(shape, shape_target), shape_target, 5.0)
+    masked = {**model.state_dict(), **{LOG_ALPHA_PREFIX + k: v for k, v in log_alpha.items()}}
+    config, weights = pruned_weights(masked, model.config.to_dict(), target, torch.float32)
     pruned = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    if config.tie_word_embeddings:
-        state.pop('lm_head.weight', None)
-    pruned.load_state_dict(state, strict=False)
+    pruned.load_state_dict(weights, strict=False)
     return {domain: domain_loss(pruned.eval(), rows) for domain, rows in val.items()}
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.source, torch_dtype=torch.float32).eval()
     shape = ModelShape.from_config(model.config)
-    domains = sorted(d.name for d in args.data.iterdir() if (d / 'val').is_dir())
+    domains = domains_of(args.data)
     rows = torch.from_numpy(np.concatenate([read_split(args.data, d, 'train', args.calibration) for d in domains]))
     batches = list(rows.split(4))
     val = {d: read_split(args.data, d, 'val', args.max_samples) for d in domains}

@@ -243,6 +243,27 @@ def pruned_config(source_config: Mapping[str, Any], target: ModelShape, dtype: t
     return AutoConfig.for_model(model_type, **fields)
 
 
+def pruned_weights(state_dict: Mapping[str, torch.Tensor], source_config: Mapping[str, Any],
+                   target: Mapping[str, int], dtype: torch.dtype | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The pruned model's config and weights, in memory, from a masked Hugging Face state dict.
+
+    `state_dict` holds `l0_masks.log_alpha.*` (the units each mask keeps are read from it); `target` is the target
+    shape in config names. `dtype`: of the weights and the config; None is the source's, `source_config['torch_dtype']`
+    (the weights' own dtype if it names none). With tied embeddings, `lm_head.weight` is left out.
+    """
+    source = ModelShape.from_config(source_config)
+    target_shape = resolve_target(source, target)
+    log_alpha = {k[len(LOG_ALPHA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LOG_ALPHA_PREFIX)}
+    compact = compact_state_dict(state_dict, kept_indices(log_alpha, source, target_shape))
+    if dtype is None:
+        dtype = EXPORT_DTYPES.get(str(source_config.get('torch_dtype')), compact['model.embed_tokens.weight'].dtype)
+    compact = {k: v.to(dtype) if v.is_floating_point() else v for k, v in compact.items()}
+    config = pruned_config(source_config, target_shape, dtype)
+    if config.tie_word_embeddings:
+        compact.pop('lm_head.weight', None)
+    return config, compact
+
+
 def export_pruned_model(state_dict: Mapping[str, torch.Tensor], source_config: Mapping[str, Any],
                         target: Mapping[str, int], out_dir: str | os.PathLike, tokenizer: Any = None,
                         overwrite: bool = False, generation_config: Mapping[str, Any] | None = None,
@@ -256,16 +277,7 @@ def export_pruned_model(state_dict: Mapping[str, torch.Tensor], source_config: M
     `dtype`: of the written weights; None is the source's, `source_config['torch_dtype']` (the weights' own dtype
     if it names none). Everything is written to a temporary folder beside `out_dir` that is renamed at the end.
     """
-    source = ModelShape.from_config(source_config)
-    target_shape = resolve_target(source, target)
-    log_alpha = {k[len(LOG_ALPHA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LOG_ALPHA_PREFIX)}
-    compact = compact_state_dict(state_dict, kept_indices(log_alpha, source, target_shape))
-    if dtype is None:
-        dtype = EXPORT_DTYPES.get(str(source_config.get('torch_dtype')), compact['model.embed_tokens.weight'].dtype)
-    compact = {k: v.to(dtype) if v.is_floating_point() else v for k, v in compact.items()}
-    config = pruned_config(source_config, target_shape, dtype)
-    if config.tie_word_embeddings:
-        compact.pop('lm_head.weight', None)
+    config, compact = pruned_weights(state_dict, source_config, target, dtype)
     generation = dict(generation_config) if generation_config is not None else derived_generation_config(config)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
