@@ -178,6 +178,7 @@ def _bad_callback_cases():
         (dict(excess='ratio'), 'excess'),
         (dict(dro_step='adam'), r'^`dro_step` must be one of'),
         (dict(mirror_lr=-1.0), r'^`mirror_lr` must be a finite number >= 0'),
+        (dict(mirror_scale='gap'), r'^`mirror_scale` must be one of'),
         (dict(ema_decay=1.0), 'ema_decay'),
         # every option error names its option (issue 20, item 11: the pre-flight check reports these by key)
         (dict(min_fit_points=3), r'^`min_fit_points` must be an integer >= 4'),
@@ -798,7 +799,8 @@ def test_excess_against_the_source_in_its_own_unit_lowers_the_worst_degradation(
     assert (losses / source).max() < (constant_losses / source).max() - 0.005
 
 
-def test_mirror_step_chains_from_the_current_weights_and_survives_a_checkpoint(fake_state, tmp_path):
+@pytest.mark.parametrize('scale', ['spread', 'level'])
+def test_mirror_step_chains_from_the_current_weights_and_survives_a_checkpoint(fake_state, tmp_path, scale):
     """`dro_step: mirror`: two evaluations with the same excess are two chained `dro_mirror_step`s from the mixture's
     weights (not one best response), and a callback restored from its state dict, with the mixture, takes the same
     next step."""
@@ -817,7 +819,8 @@ def test_mirror_step_chains_from_the_current_weights_and_survives_a_checkpoint(f
         state.train_dataloader = torch.utils.data.DataLoader(mixture)
         state.timestamp = Timestamp(batch=3, sample=12, sample_in_epoch=12)
         callback = DROReweightCallback(domains=DOMAINS, reference_loss=[1.0, 1.0, 1.0], dro_step='mirror',
-                                       mirror_lr=0.3, rho=10.0, min_prob=0.0, excess_smoothing=0.0,
+                                       mirror_lr=0.3, mirror_scale=scale, rho=10.0, min_prob=0.0,
+                                       excess_smoothing=0.0,
                                        history_folder=str(tmp_path / '{run_name}'), plot_interval=0)
         logger = Logger(state, [])
         callback.run_event(Event.FIT_START, state, logger)
@@ -830,7 +833,7 @@ def test_mirror_step_chains_from_the_current_weights_and_survives_a_checkpoint(f
     expected = p
     for _ in range(2):
         _evaluate(callback, state, logger, losses)
-        expected = dro_mirror_step(expected, losses - 1.0, p, 10.0, 0.0, 0.3)
+        expected = dro_mirror_step(expected, losses - 1.0, p, 10.0, 0.0, 0.3, scale)
         np.testing.assert_allclose(mixture.weights, expected, rtol=1e-12)
     assert not np.allclose(mixture.weights, dro_step(losses, [1.0] * 3, p, 10.0, 0.0))
     saved_callback = callback.state_dict()

@@ -144,8 +144,31 @@ def test_dro_mirror_step_accumulates_instead_of_jumping():
     assert chi_square_divergence(q, p) == pytest.approx(0.01, rel=1e-9) and q[1] > p[1]
 
 
+def test_dro_mirror_step_scaled_by_level_stops_at_balance():
+    """`scale='level'`: the factor between the largest- and smallest-excess domains is exp(lr * gap / max|e|), so
+    the step shrinks with the gap at a fixed level, and is unchanged when the excess is multiplied by a constant."""
+    p = np.array([0.5, 0.3, 0.2])
+
+    def log_factor(e):
+        q = dro_mirror_step(p, e, p, rho=10.0, min_prob=0.0, lr=0.5, scale='level')
+        return np.log((q[1] / p[1]) / (q[0] / p[0]))
+
+    assert log_factor([0.5, 0.6, 0.55]) == pytest.approx(0.5 * 0.1 / 0.6)
+    assert log_factor([0.5, 0.52, 0.51]) == pytest.approx(0.5 * 0.02 / 0.52)
+    assert log_factor([0.0, 0.6, 0.3]) == pytest.approx(0.5)   # one domain at its reference: a full step
+    assert log_factor([5.0, 6.0, 5.5]) == pytest.approx(log_factor([0.5, 0.6, 0.55]))
+    # the spread scale moves as far for the 0.02 gap as for the 0.1 gap
+    spread = [dro_mirror_step(p, e, p, rho=10.0, min_prob=0.0, lr=0.5) for e in ([0.5, 0.6, 0.55], [0.5, 0.52, 0.51])]
+    np.testing.assert_allclose(spread[0], spread[1])
+    np.testing.assert_allclose(dro_mirror_step(p, [0.4] * 3, p, rho=10.0, min_prob=0.0, scale='level'), p)
+    for losses, refs, p_case, rho, min_prob in _random_cases(100):
+        q = dro_mirror_step(p_case, losses - refs, p_case, rho, min_prob, lr=2.0, scale='level')
+        assert np.all(q / p_case >= min_prob - 1e-12) and q.sum() == pytest.approx(1.0, abs=1e-12)
+        assert chi_square_divergence(q, p_case) <= rho * (1 + 1e-9) + 1e-12
+
+
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(rho=-1.0), 'rho'), (dict(min_prob=1.0), 'min_prob'), (dict(lr=-0.1), 'lr'),
+    (dict(rho=-1.0), 'rho'), (dict(min_prob=1.0), 'min_prob'), (dict(lr=-0.1), 'lr'), (dict(scale='gap'), 'scale'),
     (dict(excess=[1.0, float('inf')]), 'finite'), (dict(ref_ratio=[0.5, 0.3, 0.2]), 'same length'),
 ])
 def test_dro_mirror_step_rejects_bad_input(kwargs, message):

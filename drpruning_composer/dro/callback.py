@@ -19,7 +19,7 @@ from drpruning_composer.dro.report import HISTORY_CSV, HISTORY_PNG, plot_history
 from drpruning_composer.dro.scaling_law import DomainReferenceLoss
 from drpruning_composer.dro.teacher import teacher_reference_loss
 from drpruning_composer.dro.train_loss import DomainTrainLoss
-from drpruning_composer.dro.update import drift_ratio, dro_mirror_step, dro_step, sheared_step, smooth
+from drpruning_composer.dro.update import MIRROR_SCALES, drift_ratio, dro_mirror_step, dro_step, sheared_step, smooth
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,9 @@ class DROReweightCallback(Callback):
         mirror_lr: step size of `dro_step: mirror`: per update, before the floor and the ball, the domain with the
             largest excess gains a factor exp(mirror_lr) against the one with the smallest (the excess is scaled by
             its spread); per evaluation, so the rate per run grows with the number of evaluations.
+        mirror_scale: what `mirror_lr` is relative to: `spread` (the gap between the largest and smallest excess:
+            any gap moves the weights by a full step) or `level` (the largest absolute excess: the step is
+            mirror_lr * gap / level and stops at balance).
         sheared_lr, sheared_smoothing: step size and uniform smoothing for `sheared`.
         reference_loss: one loss per domain; `dynamic` (per-domain scaling-law prediction at the end of training,
             at the target size while pruning; no update until every domain has a prediction); or `source` (each
@@ -175,6 +178,7 @@ class DROReweightCallback(Callback):
         min_prob: float = 0.1,
         dro_step: str = 'best_response',
         mirror_lr: float = 0.5,
+        mirror_scale: str = 'spread',
         sheared_lr: float = 1.0,
         sheared_smoothing: float = 1e-4,
         reference_loss: Sequence[float] | str = DYNAMIC,
@@ -208,6 +212,8 @@ class DROReweightCallback(Callback):
             raise ValueError(f'`dro_step` must be one of {DRO_STEPS}, got {dro_step!r}')
         if not (math.isfinite(float(mirror_lr)) and mirror_lr >= 0):
             raise ValueError(f'`mirror_lr` must be a finite number >= 0, got {mirror_lr!r}')
+        if mirror_scale not in MIRROR_SCALES:
+            raise ValueError(f'`mirror_scale` must be one of {MIRROR_SCALES}, got {mirror_scale!r}')
         if not 0 <= ratio_delta <= 1:
             raise ValueError(f'`ratio_delta` must be in [0, 1], got {ratio_delta}')
         if ratio_band < 1:
@@ -246,6 +252,7 @@ class DROReweightCallback(Callback):
         self.min_prob = float(min_prob)
         self.dro_step = dro_step
         self.mirror_lr = float(mirror_lr)
+        self.mirror_scale = mirror_scale
         self.sheared_lr = float(sheared_lr)
         self.sheared_smoothing = float(sheared_smoothing)
         self.ratio_delta = float(ratio_delta)
@@ -427,7 +434,7 @@ class DROReweightCallback(Callback):
             zero = np.zeros_like(self.excess)
             if self.update == 'dro' and self.dro_step == 'mirror':
                 new_weights = dro_mirror_step(weights, self.excess, self.ratio, self.rho, self.min_prob,
-                                              self.mirror_lr)
+                                              self.mirror_lr, self.mirror_scale)
             elif self.update == 'dro':
                 new_weights = dro_step(self.excess, zero, self.ratio, self.rho, self.min_prob)
             elif self.update == 'sheared':
