@@ -5,8 +5,10 @@ first k batches of each (unshuffled) val split. For subset sizes n, this prints,
 over random n-sequence subsets of (a) the subset's mean loss minus the whole split's, at a fixed model (`--model`),
 and (b) with `--vs MODEL2`, the subset's estimate of the change between the two models minus the whole split's
 change. (b) is what the update sees when the model changes between evaluations; it is compared with the spread of
-the true change across domains (the signal the update must rank). Losses are token means per sequence, and the
-subset mean weights sequences by their token count, as Composer's metric does.
+the true change across domains (the signal the update must rank). Each table also gives the error of the subset
+Composer actually evaluates, the first n sequences (`prefix`): a split written in document order is not a random
+sample, and its prefix can be off by far more than the random subsets' std. Losses are token means per sequence,
+and the subset mean weights sequences by their token count, as Composer's metric does.
 
     python bench/eval_noise.py                                   # the demo's source model
     python bench/eval_noise.py --model A --vs B --data DIR
@@ -51,6 +53,20 @@ def subset_error(values: np.ndarray, n: int, rng: np.random.Generator) -> float:
     return float((values[idx].mean(1) - values.mean()).std())
 
 
+def prefix_error(values: np.ndarray, n: int) -> float:
+    """The first n values' mean minus the full mean: the error of the subset `eval_subset_num_batches` evaluates."""
+    return float(values[:n].mean() - values.mean())
+
+
+def print_errors(values: dict[str, np.ndarray], rng: np.random.Generator, label: str) -> None:
+    """Per domain: the random n-subsets' std (`rand`) and the prefix's error (`prefix`) for every size n."""
+    sizes = ' '.join(f'{f"rand n={n}":>11} {"prefix":>7}' for n in SIZES)
+    print(f"{'domain':>10} {'val seqs':>8} {label:>7} {sizes}")
+    for d, v in values.items():
+        print(f'{d:>10} {len(v):>8} {v.mean():>7.4f} '
+              + ' '.join(f'{subset_error(v, n, rng):>11.4f} {prefix_error(v, n):>+7.4f}' for n in SIZES))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_data_arguments(p)
@@ -65,20 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     domains = domains_of(data)
     tokens = {d: read_split(data, d, 'val') for d in domains}
     first = {d: sequence_losses(str(model), tokens[d]) for d in domains}
-    print(f'model {model}\nstd of the subset mean loss minus the whole split\'s ({DRAWS} random subsets per size)')
-    print(f"{'domain':>10} {'val seqs':>8} {'loss':>7} " + ' '.join(f'{f"n={n}":>8}' for n in SIZES))
-    for d in domains:
-        print(f'{d:>10} {len(first[d]):>8} {first[d].mean():>7.4f} '
-              + ' '.join(f'{subset_error(first[d], n, rng):>8.4f}' for n in SIZES))
+    print(f'model {model}\nsubset mean loss minus the whole split\'s: std over {DRAWS} random subsets, and the prefix')
+    print_errors(first, rng, 'loss')
     if args.vs:
         second = {d: sequence_losses(str(args.vs), tokens[d]) for d in domains}
         change = {d: second[d] - first[d] for d in domains}
         spread = np.std([change[d].mean() for d in domains])
-        print(f'\nvs {args.vs}: std of the subset estimate of the loss change minus the whole split\'s')
-        print(f"{'domain':>10} {'change':>7} " + ' '.join(f'{f"n={n}":>8}' for n in SIZES))
-        for d in domains:
-            print(f'{d:>10} {change[d].mean():>7.4f} '
-                  + ' '.join(f'{subset_error(change[d], n, rng):>8.4f}' for n in SIZES))
+        print(f'\nvs {args.vs}: subset estimate of the loss change minus the whole split\'s')
+        print_errors(change, rng, 'change')
         print(f'spread (std across domains) of the true change: {spread:.4f}')
     return 0
 
