@@ -160,12 +160,12 @@ def dro_mirror_step(
     _check_ball(rho, min_prob)
     if not (np.isfinite(lr) and lr >= 0):
         raise ValueError(f'lr must be a finite number >= 0, got {lr}')
+    if scale not in MIRROR_SCALES:
+        raise ValueError(f'scale must be one of {MIRROR_SCALES}, got {scale!r}')
     support = p > 0
     q = np.where(support, q, 0.0)
     if q.sum() <= 0:
         q = p.copy()
-    if scale not in MIRROR_SCALES:
-        raise ValueError(f'scale must be one of {MIRROR_SCALES}, got {scale!r}')
     spread = _spread(e, support)
     divisor = spread if scale == 'spread' else float(np.abs(e[support]).max())
     step = (e - e[support].max()) / divisor if spread else np.zeros_like(e)
