@@ -8,7 +8,11 @@ evaluates the exported model on the **whole** val split of every domain. It prin
 worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
 time, and with `--tasks` each domain's multiple-choice continuation accuracy (`drpruning-make-tasks`) and their
 average, as the paper's per-domain table; then the same metrics as per-seed differences against `constant` (paired
-by seed, which removes the seed noise that dominates unpaired comparisons). It writes `results.json` and
+by seed, which removes the seed noise that dominates unpaired comparisons). Since the update steers by the running
+evaluations, it also prints how well those read each domain: every export and the source are scored again on the
+first `eval_subset_num_batches` x `device_eval_batch_size` val rows (the rows a capped evaluation reads), and the
+table gives that prefix's degradation minus the whole split's, and how often it names the same worst domain.
+It writes `results.json` and
 `results.png` (per-domain bars with error bars, and the weight trajectories of the first seed) under `--out`.
 
 Rules: `constant` (the reference ratio, fixed), `uniform` (equal weights, fixed), `sheared` (Sheared-LLaMA's dynamic
@@ -120,16 +124,16 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     common = [*rule_overrides(rule, proportions, args.specs), f'variables.seed={seed}', 'save_overwrite=true',
               *overrides]
     record = save / 'run.json'
+    first = 'instruct' if args.stage == 'instruct' else 'prune'
+    yaml = args.recipe if first == 'prune' and args.recipe else f'{first}.yaml'
     if not (args.reuse and record.is_file()):
-        first = 'instruct' if args.stage == 'instruct' else 'prune'
         start = time.perf_counter()
         extra = QUICK_PRUNE if args.quick and first == 'prune' else []
-        yaml = args.recipe if first == 'prune' and args.recipe else f'{first}.yaml'
         train(recipe(yaml, data, source, save, [*common, *extra, f'run_name={rule}-seed{seed}']),
               save / f'{first}.log')
         model = save / 'pruned_hf' if first == 'prune' else save / 'huggingface' / 'model'
         record.write_text(json.dumps({'model': str(model), 'history': str(save / 'dro' / 'history.csv'),
-                                      'wall_s': time.perf_counter() - start}))
+                                      'recipe': str(save / yaml), 'wall_s': time.perf_counter() - start}))
     if args.stage == 'continue':  # judged: the continued model; its wall time includes the pruning run's
         pruned, cont = json.loads(record.read_text()), save / 'continue'
         record = cont / 'run.json'
@@ -139,27 +143,47 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
                          [*common, f'run_name={rule}-seed{seed}-continue']), cont / 'continue.log')
             record.write_text(json.dumps({'model': str(cont / 'huggingface' / 'model'),
                                           'history': str(cont / 'dro' / 'history.csv'),
+                                          'recipe': str(cont / 'continue.yaml'),
                                           'wall_s': pruned['wall_s'] + time.perf_counter() - start}))
     run = json.loads(record.read_text())
     if 'loss' not in run or (args.tasks and 'accuracy' not in run):
         run.update(evaluate([run['model']], str(data), max_samples=None, tasks=args.tasks)[0])
         record.write_text(json.dumps(run))
+    run['prefix'] = evaluated_prefix(Path(run.get('recipe', save / yaml)))
+    if run['prefix'] and run.get('prefix_loss', {}).get('rows') != run['prefix']:
+        run['prefix_loss'] = {'rows': run['prefix'],
+                              **evaluate([run['model']], str(data), max_samples=run['prefix'])[0]['loss']}
+        record.write_text(json.dumps(run))
     _, run['history'] = read_history_csv(run['history'])
     return run
 
 
-def source_evaluation(source: Path, data: Path, tasks: Path | None, out: Path, reuse: bool) -> dict:
-    """The source model's whole-split evaluation, kept in `out/source.json` and, with `reuse`, read back when it was
-    made for the same source, data and tasks (a real model's takes minutes on CPU)."""
+def evaluated_prefix(yaml: Path) -> int | None:
+    """Rows per val split that each running evaluation of a recipe reads: `eval_subset_num_batches` x
+    `device_eval_batch_size` (None when evaluations read whole splits, or the recipe is gone)."""
+    from omegaconf import OmegaConf as om
+
+    if not yaml.is_file():
+        return None
+    cfg = om.load(yaml)
+    batches = cfg.get('eval_subset_num_batches', -1)
+    return None if batches is None or batches < 0 else int(batches) * int(cfg.device_eval_batch_size)
+
+
+def source_evaluation(source: Path, data: Path, tasks: Path | None, out: Path, reuse: bool,
+                      max_samples: int | None = None) -> dict:
+    """The source model's evaluation on the whole val splits (or their first `max_samples` rows), kept in
+    `out/source.json` (`source_first{N}.json`) and, with `reuse`, read back when it was made for the same source,
+    data and tasks (a real model's takes minutes on CPU)."""
     from drpruning_composer.evaluate import evaluate
 
     key = {'source': str(source), 'data': str(data), 'tasks': str(tasks) if tasks else None}
-    cache = out / 'source.json'
+    cache = out / ('source.json' if max_samples is None else f'source_first{max_samples}.json')
     if reuse and cache.is_file():
         saved = json.loads(cache.read_text())
         if saved['key'] == key:
             return saved['evaluation']
-    evaluation = evaluate([str(source)], str(data), max_samples=None, tasks=tasks)[0]
+    evaluation = evaluate([str(source)], str(data), max_samples=max_samples, tasks=tasks)[0]
     partial = cache.with_suffix('.json.partial')  # written whole, then renamed: a crash leaves no half file
     partial.write_text(json.dumps({'key': key, 'evaluation': evaluation}))
     partial.replace(cache)
@@ -179,20 +203,37 @@ def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[s
             for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]] and m in runs[baseline][seeds[0]]}
 
 
-def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str]) -> dict:
+def prefix_error(run: dict, source_loss: dict[str, float], source_prefix: dict[str, float]) -> dict[str, float]:
+    """Per domain: the degradation (L / L_source) measured on the first val rows, both models on the same rows, minus
+    the degradation on the whole split. > 0: the capped evaluation overstates the domain's degradation."""
+    return {d: run['prefix_loss'][d] / source_prefix[d] - run['loss'][d] / source_loss[d] for d in source_loss}
+
+
+def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str],
+              source_prefix: dict[int, dict[str, float]] | None = None) -> dict:
     """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`
-    and its variants (`challengers`), also against every other rule (the comparisons the method must win)."""
+    and its variants (`challengers`), also against every other rule (the comparisons the method must win). With
+    `source_prefix` (the source's loss on the first N val rows, per N), also the prefix's error on each domain's
+    degradation and the number of runs whose prefix names the same worst-degraded domain as the whole split."""
     from drpruning_composer.evaluate import degradation
 
     for seeds in runs.values():
         for r in seeds.values():
-            r['worst_degradation'] = max(degradation(r['loss'], source_loss).values())
+            whole = degradation(r['loss'], source_loss)
+            r['worst_degradation'] = max(whole.values())
+            if source_prefix and r.get('prefix') in source_prefix:
+                r['prefix_error'] = prefix_error(r, source_loss, source_prefix[r['prefix']])
+                prefix = {d: whole[d] + r['prefix_error'][d] for d in whole}
+                r['prefix_names_worst'] = max(prefix, key=prefix.get) == max(whole, key=whole.get)
     summary = {}
     for rule, seeds in runs.items():
         entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS if m in next(iter(seeds.values()))}
         for quantity in ('loss', 'accuracy'):
             if quantity in next(iter(seeds.values())):
                 entry[quantity] = {d: mean_se([r[quantity][d] for r in seeds.values()]) for d in source_loss}
+        if all('prefix_error' in r for r in seeds.values()):
+            entry['prefix_error'] = {d: mean_se([r['prefix_error'][d] for r in seeds.values()]) for d in source_loss}
+            entry['prefix_names_worst'] = sum(r['prefix_names_worst'] for r in seeds.values())
         if rule != 'constant' and 'constant' in runs:
             entry['minus_constant'] = paired(runs, rule, 'constant')
         if rule in challengers:
@@ -209,7 +250,8 @@ def _percent(value: tuple[float, float]) -> tuple[float, float]:
     return 100 * value[0], 100 * value[1]
 
 
-def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: dict[str, int]) -> None:
+def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: dict[str, int],
+                  prefix_rows: str = '') -> None:
     print(f'\n== exported models, whole val splits ({", ".join(f"{d} {samples[d]}" for d in domains)} samples), '
           f'mean +- s.e. over {num_seeds} seeds')
     head = f"{'rule':<9} " + ' '.join(f'{d:>16}' for d in domains) + \
@@ -226,6 +268,15 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
         for rule, e in summary.items():
             print(f'{rule:<9} ' + ' '.join(f'{_pm(_percent(e["accuracy"][d]), 2):>14}' for d in domains)
                   + f" {_pm(_percent(e['mean_accuracy']), 2):>14}")
+    prefixes = {rule: e for rule, e in summary.items() if 'prefix_error' in e}
+    if prefixes:
+        print(f'\n== what the running evaluations read: degradation on the first {prefix_rows} val rows minus on the '
+              f'whole split (mean +- s.e. over seeds), and the runs whose prefix names the whole split\'s worst domain')
+        head = f"{'rule':<9} " + ' '.join(f'{d:>16}' for d in domains) + f" {'same worst':>11}"
+        print(head + '\n' + '-' * len(head))
+        for rule, e in prefixes.items():
+            print(f'{rule:<9} ' + ' '.join(f'{_pm(e["prefix_error"][d]):>16}' for d in domains)
+                  + f" {e['prefix_names_worst']:>6} of {num_seeds}")
     print('\n== paired by seed: rule - baseline (mean +- s.e. of the per-seed differences; < 0 is better, '
           'except accuracy)')
     pairs = [(rule, 'constant', e['minus_constant']) for rule, e in summary.items() if 'minus_constant' in e]
@@ -338,18 +389,22 @@ def main(argv: list[str] | None = None) -> int:
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
     source_eval = source_evaluation(source, data, args.tasks, args.out, args.reuse)
     source_loss = source_eval['loss']
-    summary = summarise(runs, source_loss, [r for r in rules if args.specs[r][0] == 'dro'])
+    prefix_sizes = sorted({r['prefix'] for seeds in runs.values() for r in seeds.values() if r['prefix']})
+    source_prefix = {n: source_evaluation(source, data, None, args.out, args.reuse, max_samples=n)['loss']
+                     for n in prefix_sizes}
+    summary = summarise(runs, source_loss, [r for r in rules if args.specs[r][0] == 'dro'], source_prefix)
     samples = split_samples(data, 'val')
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))
     if args.tasks:
         print('source accuracy (%): ' + ' '.join(f'{d} {100 * source_eval["accuracy"][d]:.2f}' for d in domains)
               + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
-    print_summary(summary, domains, len(args.seeds), samples)
+    print_summary(summary, domains, len(args.seeds), samples, '/'.join(map(str, prefix_sizes)))
     result = {'stage': args.stage, 'data': str(data), 'source': str(source), 'proportions': proportions,
               'seeds': args.seeds,
               'overrides': overrides, 'samples': samples, 'source_loss': source_loss,
-              'source_accuracy': source_eval.get('accuracy'), 'summary': summary,
+              'source_accuracy': source_eval.get('accuracy'),
+              'source_prefix_loss': {str(n): v for n, v in source_prefix.items()}, 'summary': summary,
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
     (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
     plot(args.out / 'results.png', summary, runs, domains)

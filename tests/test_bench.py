@@ -40,6 +40,17 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
         assert rows[0]['batch'] == 0 and rows[0]['update'] == 0
         assert all(r[f'ref_loss/{d}'] == rows[0][f'loss/{d}'] for r in rows for d in DOMAINS)
     assert 'paired by seed' in proc.stdout
+    # The rows the running evaluations read (--quick: 1 batch of device_eval_batch_size), scored on every export and
+    # the source: the prefix's degradation error is (L_prefix / L_source,prefix) - (L_whole / L_source,whole).
+    (rows, source_prefix), = result['source_prefix_loss'].items()
+    assert int(rows) == 16 and 'what the running evaluations read' in proc.stdout
+    for seeds in result['runs'].values():
+        for run in seeds.values():
+            assert run['prefix'] == 16 and run['prefix_loss']['rows'] == 16
+            for d in DOMAINS:
+                assert run['prefix_error'][d] == pytest.approx(
+                    run['prefix_loss'][d] / source_prefix[d] - run['loss'][d] / result['source_loss'][d], abs=1e-12)
+    assert 0 <= result['summary']['dro']['prefix_names_worst'] <= 2
 
 
 def test_distill_overhead_prints_both_steps_and_the_teacher(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from drpruning_composer.data.cli import main
-from drpruning_composer.data.prepare import PrepareError, prepare
+from drpruning_composer.data.prepare import PrepareError, prepare, split_documents
 from drpruning_composer.evaluate import read_split
 
 
@@ -68,6 +68,39 @@ def test_same_seed_gives_identical_shards(tiny_demo, sources, tmp_path):
     shards = lambda o: {p.relative_to(o): p.read_bytes() for p in sorted(o.rglob('*.mds'))}  # noqa: E731
     assert shards(outs[0]) == shards(outs[1])
     assert shards(outs[0]) != shards(outs[2])
+
+
+def test_split_order_is_random_not_the_sources():
+    """A prefix of either split (what a capped evaluation reads) is a random sample of documents: over many seeds
+    the position of a document in its split is uncorrelated with its position in the source (source order: 1.0)."""
+    docs = list(range(200))
+    corr = {'train': [], 'val': []}
+    for seed in range(40):
+        train, val = split_documents(docs, 0.25, seed)
+        assert len(val) == 50 and sorted(train + val) == docs
+        assert (train, val) == split_documents(docs, 0.25, seed)
+        for split, part in (('train', train), ('val', val)):
+            corr[split].append(np.corrcoef(np.arange(len(part)), part)[0, 1])
+    for split, c in corr.items():
+        assert abs(np.mean(c)) < 0.1, (split, np.mean(c))
+
+
+def test_rows_follow_the_split_order(tiny_demo, tmp_path):
+    """The val rows hold the val documents in split_documents' order, so a source sorted by any property (here by
+    number) is not evaluated prefix-first."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_demo / 'tokenizer'))
+    docs = [f'doc {i} ' + 'alpha beta ' * (i % 7) for i in range(60)]
+    src = _write_domain(tmp_path / 'in', 'sorted', docs)
+    out = tmp_path / 'out'
+    prepare({'sorted': src, 'copy': src}, tiny_demo / 'tokenizer', out, max_seq_len=16, val_fraction=0.25, seed=5)
+    expected = split_documents(docs, 0.25, 5)[1]
+    assert expected != sorted(expected, key=docs.index)
+    pieces = tok.decode(_all_rows(out, 'sorted', 'val').reshape(-1).tolist()).split(tok.eos_token)
+    # Packing drops the incomplete tail: every complete piece is the next val document, in order.
+    assert [p.strip() for p in pieces[:-1]] == [d.strip() for d in expected[:len(pieces) - 1]]
+    assert len(pieces) - 1 >= len(expected) - 2
 
 
 def _assert_nothing_written(tmp_path: Path, out: Path) -> None:

@@ -154,8 +154,6 @@ def test_accuracy_is_llmfoundrys_and_ties_give_the_chance_rate(tiny_demo, tasks)
 
     out, _ = tasks
     tokenizer = AutoTokenizer.from_pretrained(tiny_demo / 'tokenizer')
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).eval()
     flat = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).eval()
     torch.nn.init.zeros_(flat.lm_head.weight)
     task = {t['label']: t for t in om.to_container(om.load(out / 'tasks.yaml'))['icl_tasks']}['c_headers_continuation']
@@ -163,8 +161,13 @@ def test_accuracy_is_llmfoundrys_and_ties_give_the_chance_rate(tiny_demo, tasks)
     chance = float(np.mean([item['gold'] == 0 for item in items]))
     assert task_accuracy(flat, tokenizer, items, max_seq_len) == chance
     assert _llmfoundry_accuracy(flat, tokenizer, task) == pytest.approx(chance, abs=1e-6)  # llm-foundry's is fp32
-    ours = task_accuracy(model, tokenizer, items, max_seq_len)
-    assert ours == pytest.approx(_llmfoundry_accuracy(model, tokenizer, task), abs=1e-6) and ours != chance
+    accuracies = []
+    for seed in (1, 2):  # two random models: a single one can match the chance rate by coincidence
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_demo / 'tiny_llama')).eval()
+        accuracies.append(task_accuracy(model, tokenizer, items, max_seq_len))
+        assert accuracies[-1] == pytest.approx(_llmfoundry_accuracy(model, tokenizer, task), abs=1e-6)
+    assert any(a != chance for a in accuracies)
 
 
 def test_evaluate_prints_one_accuracy_per_domain(tiny_demo, tasks, tmp_path):
