@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from drpruning_composer.data.cli import main
-from drpruning_composer.data.prepare import PrepareError, prepare, split_documents
+from drpruning_composer.data.prepare import (PrepareError, encode_text, pack_tokens, prepare, shuffle_rows,
+                                            split_documents)
 from drpruning_composer.evaluate import read_split
 
 
@@ -47,17 +48,19 @@ def test_round_trip_decodes_to_input(tiny_demo, sources, tmp_path):
         docs = [json.loads(line)['text'] for line in open(src / 'a.jsonl')]
         entry = manifest['domains'][domain]
         assert entry['train']['documents'] + entry['val']['documents'] == len(docs)
-        seen = []
         for split in ('train', 'val'):
             rows = _all_rows(out, domain, split)
             assert rows.shape == (entry[split]['samples'], 32) and rows.size == entry[split]['tokens']
-            text = tok.decode(rows.reshape(-1).tolist())
-            pieces = text.split(tok.eos_token)
-            # Every complete piece is one whole input document; only the tail is cut by the fixed length.
-            assert all(p in docs for p in pieces[:-1])
-            assert any(d.startswith(pieces[-1]) for d in docs)
-            seen += pieces[:-1]
-        assert len(set(seen)) == len(seen)
+        train_text = tok.decode(_all_rows(out, domain, 'train').reshape(-1).tolist())
+        pieces = train_text.split(tok.eos_token)
+        # Every complete piece is one whole input document; only the tail is cut by the fixed length.
+        assert all(p in docs for p in pieces[:-1]) and len(set(pieces[:-1])) == len(pieces) - 1
+        assert any(d.startswith(pieces[-1]) for d in docs)
+        # The val rows are the packed val documents (held out by document: none is in train), in a random order.
+        train_docs, val_docs = split_documents(docs, 0.2, 17)
+        assert not set(val_docs) & set(pieces[:-1])
+        packed = pack_tokens(encode_text(tok, val_docs), tok.eos_token_id, 32)
+        np.testing.assert_array_equal(_all_rows(out, domain, 'val'), shuffle_rows(packed, 17))
 
 
 def test_same_seed_gives_identical_shards(tiny_demo, sources, tmp_path):
@@ -85,22 +88,17 @@ def test_split_order_is_random_not_the_sources():
         assert abs(np.mean(c)) < 0.1, (split, np.mean(c))
 
 
-def test_rows_follow_the_split_order(tiny_demo, tmp_path):
-    """The val rows hold the val documents in split_documents' order, so a source sorted by any property (here by
-    number) is not evaluated prefix-first."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tiny_demo / 'tokenizer'))
-    docs = [f'doc {i} ' + 'alpha beta ' * (i % 7) for i in range(60)]
-    src = _write_domain(tmp_path / 'in', 'sorted', docs)
-    out = tmp_path / 'out'
-    prepare({'sorted': src, 'copy': src}, tiny_demo / 'tokenizer', out, max_seq_len=16, val_fraction=0.25, seed=5)
-    expected = split_documents(docs, 0.25, 5)[1]
-    assert expected != sorted(expected, key=docs.index)
-    pieces = tok.decode(_all_rows(out, 'sorted', 'val').reshape(-1).tolist()).split(tok.eos_token)
-    # Packing drops the incomplete tail: every complete piece is the next val document, in order.
-    assert [p.strip() for p in pieces[:-1]] == [d.strip() for d in expected[:len(pieces) - 1]]
-    assert len(pieces) - 1 >= len(expected) - 2
+def test_val_rows_are_a_uniform_order():
+    """Any prefix of the val rows is a uniform sample: shuffle_rows keeps every row whole, is fixed by its seed, and
+    over many seeds a row's new position is uncorrelated with its packed position (packed order: 1.0)."""
+    rows = np.arange(300 * 4).reshape(300, 4)
+    corr = []
+    for seed in range(40):
+        shuffled = shuffle_rows(rows, seed)
+        np.testing.assert_array_equal(shuffled, shuffle_rows(rows, seed))
+        assert sorted(map(tuple, shuffled)) == sorted(map(tuple, rows))
+        corr.append(np.corrcoef(np.arange(len(rows)), shuffled[:, 0])[0, 1])
+    assert abs(np.mean(corr)) < 0.05 and max(np.abs(corr)) < 0.3
 
 
 def _assert_nothing_written(tmp_path: Path, out: Path) -> None:

@@ -57,11 +57,13 @@ def test_items_continue_their_context_with_distractors_that_are_continuations_of
     assert len(capped) == 10 and all(item in items for item in capped)
 
 
-def test_documents_are_recovered_from_eos_joined_rows():
-    from drpruning_composer.data.tasks import split_documents
+def test_document_pieces_never_join_rows():
+    """Val rows are written in a random order: a piece ends at an EOS or at its row's end, never runs into the next
+    row."""
+    from drpruning_composer.data.tasks import document_pieces
 
     rows = np.array([[5, 6, 0, 7], [8, 9, 0, 0], [3, 4, 4, 4]])
-    assert [d.tolist() for d in split_documents(rows, eos_token_id=0)] == [[5, 6], [7, 8, 9], [3, 4, 4, 4]]
+    assert [d.tolist() for d in document_pieces(rows, eos_token_id=0)] == [[5, 6], [7], [8, 9], [3, 4, 4, 4]]
 
 
 @pytest.fixture(scope='module')
@@ -97,10 +99,13 @@ def test_make_tasks_is_deterministic_and_gold_text_follows_the_query(tiny_demo, 
 
 
 def test_too_few_documents_and_a_foreign_tokenizer_are_errors(tiny_demo, tmp_path):
+    """A window longer than the prepared rows fits in no piece (pieces never span rows): an error naming the rows'
+    length, before anything is written."""
     from drpruning_composer.data.tasks import TaskError, TaskShape, make_tasks
 
-    with pytest.raises(TaskError, match=r"domain 'python': .* needs at least .* 2 usable documents"):
-        make_tasks(tiny_demo / 'data', str(tiny_demo / 'tokenizer'), tmp_path / 'a', TaskShape(24, 8, 2))
+    with pytest.raises(TaskError, match=r"domain '\w+': 0 items from \d+ val document pieces \(\d+ shorter than 68 "
+                                        r"tokens; a piece has at most max_seq_len=64\); needs at least 10 items"):
+        make_tasks(tiny_demo / 'data', str(tiny_demo / 'tokenizer'), tmp_path / 'a', TaskShape(60, 8, 2))
     assert not (tmp_path / 'a').exists()
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer

@@ -6,9 +6,10 @@ Output layout (what the `text` and `dynamic_mixture` loaders read)::
     OUT/{domain}/val/
     OUT/manifest.json     documents, tokens and samples per domain and split
 
-Documents are split between train and val *by document* (seeded shuffle), kept in that shuffled order (so the first
-rows of a split, all that a capped evaluation reads, are a random sample), joined with EOS and cut into
-`max_seq_len` samples; the tail that does not fill a sample is dropped. Documents are tokenized with special-token
+Documents are split between train and val *by document* (seeded shuffle), kept in that shuffled order, joined with
+EOS and cut into `max_seq_len` samples; the tail that does not fill a sample is dropped. The val rows are then
+written in a seeded random order, so the first rows, all that a capped evaluation reads, are a uniform sample of the
+split's rows. Documents are tokenized with special-token
 parsing off, so a document quoting a special token's string (``<|endoftext|>``) keeps it as text. Everything is written into a temporary
 folder beside OUT and renamed at the end, so a failure never leaves a half-written OUT.
 
@@ -146,11 +147,8 @@ def iter_documents(source: Path, text_field: str, stats: SourceStats) -> Iterato
 def split_documents(docs: Sequence[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Seeded split by document: (train, val), val with round(val_fraction * n) documents, at least one.
 
-    Both splits come in the seeded random order, not the source's: evaluation reads a split's rows in order and a
-    run that sets `eval_subset_num_batches` scores only the first rows, so any prefix of a split must be a random
-    sample of its documents. (Sources are often sorted by length, date or topic; in the demo corpus the first 128
-    rows of one domain's val split sat 0.63 nats above the split's mean, and misjudged its loss change by 5x the
-    noise of a random subset: docs/dro_update.md.)
+    Both splits come in the seeded random order, not the source's (often sorted by length, date or topic), so that
+    neither split's shards hold long sorted runs.
     """
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -169,6 +167,19 @@ def pack_tokens(token_lists: Sequence[Sequence[int]], eos_id: int, max_seq_len: 
         pos += len(toks) + 1
     n = total // max_seq_len
     return stream[:n * max_seq_len].reshape(n, max_seq_len)
+
+
+def shuffle_rows(rows: np.ndarray, seed: int) -> np.ndarray:
+    """The rows of a split [n, seq] in a seeded random order (a row's tokens untouched).
+
+    Evaluation reads a split's rows in order and a run with `eval_subset_num_batches` scores only the first ones, so
+    val rows are written in this order: any prefix is then a uniform sample of rows. Shuffling documents is not
+    enough, as one long document fills many consecutive rows: on the demo corpus the first 128 rows of c_headers,
+    in shuffled document order, sat 0.38 nats below the split's mean (random 128-row subsets: std 0.067), and in
+    source order the first 128 of records misjudged its loss change by 0.108 nats, 5x a random subset's std
+    (docs/dro_update.md).
+    """
+    return rows[np.random.default_rng(seed).permutation(len(rows))]
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -264,6 +275,8 @@ def prepare(
             for split, split_docs in zip(('train', 'val'), split_documents(docs, val_fraction, seed)):
                 ids = _tokenize(tokenizer, split_docs, f'{name}/{split}')
                 rows = pack_tokens(ids, tokenizer.eos_token_id, max_seq_len)
+                if split == 'val':
+                    rows = shuffle_rows(rows, seed)
                 if len(rows) == 0:
                     raise PrepareError(
                         f'domain "{name}": the {split} split has {sum(len(t) + 1 for t in ids)} tokens, '

@@ -2,8 +2,8 @@
 
 ``drpruning-make-tasks --data PREPARED --tokenizer TOK --out TASKS`` writes, for each domain, ``TASKS/{domain}.jsonl``
 in llm-foundry's multiple-choice ICL format (``query``, ``choices``, ``gold``): the query is `context_tokens` tokens of
-a val document, the gold choice the `continuation_tokens` tokens that follow it, and the other `num_choices - 1`
-choices are spans of the same length from *other* val documents of the same domain, so that the choice needs the
+a val document (piece: see below), the gold choice the `continuation_tokens` tokens that follow it, and the other
+`num_choices - 1` choices are spans of the same length from *other* val pieces of the same domain, so that the choice needs the
 context and not the domain's style. ``TASKS/tasks.yaml`` lists the tasks for llm-foundry's `icl_tasks`, and
 ``TASKS/manifest.json`` counts the items and the documents skipped as too short.
 
@@ -11,7 +11,11 @@ Split points are word boundaries (the continuation's first token starts with a s
 handling of a leading space from changing the text it scores. A domain with too few of them for `min_items` items
 (text without spaces: CSV, hashes, Chinese) is split at any token instead, and the manifest says so (`split: any`);
 llm-foundry then puts a space before every choice of a tokenizer that expects one, the same for all choices.
-The val split stores documents joined with EOS, so documents are recovered by splitting on EOS (a document cut by the split's last sample is used as far as it goes).
+The val split stores documents joined with EOS, cut into rows written in a random order (`drpruning-prepare`), so a
+"document" here is a piece of one: a row cut at its EOS tokens. Items come from pieces, and a distractor from another
+piece; two pieces can belong to one long document (a distractor then shares its gold's source and style, which makes
+the choice harder, not easier). A window never spans two rows, so `context_tokens + continuation_tokens` must fit in
+the rows' `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -50,13 +54,14 @@ class TaskShape:
             raise TaskError(f'a multiple-choice item needs at least 2 choices, got {self.num_choices}')
 
 
-def split_documents(rows: np.ndarray, eos_token_id: int) -> list[np.ndarray]:
-    """The documents of a split stored as EOS-joined fixed-length rows (EOS dropped, empty pieces dropped)."""
-    flat = rows.reshape(-1)
-    cuts = np.flatnonzero(flat == eos_token_id)
-    pieces = np.split(flat, cuts)
-    docs = [p[1:] if len(p) and p[0] == eos_token_id else p for p in pieces]
-    return [d for d in docs if len(d)]
+def document_pieces(rows: np.ndarray, eos_token_id: int) -> list[np.ndarray]:
+    """The runs of text between EOS tokens within each row of a split, [rows, seq] -> list of 1-D arrays (EOS and
+    empty pieces dropped). Rows are never joined: consecutive rows need not continue one document."""
+    pieces = []
+    for row in rows:
+        cuts = np.flatnonzero(row == eos_token_id)
+        pieces += [p[1:] if len(p) and p[0] == eos_token_id else p for p in np.split(row, cuts)]
+    return [p for p in pieces if len(p)]
 
 
 def build_items(documents: Sequence[np.ndarray], starts_word: Callable[[int], bool], shape: TaskShape,
@@ -146,15 +151,17 @@ def make_tasks(data: Path, tokenizer_path: str, out: Path, shape: TaskShape = Ta
     tasks = []
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         for i, domain in enumerate(domains):
-            docs = split_documents(read_split(data, domain, 'val'), prepared['eos_token_id'])
+            docs = document_pieces(read_split(data, domain, 'val'), prepared['eos_token_id'])
             split = 'word'
             items, skipped = build_items(docs, lambda t: starts_word[t], shape, seed + i, max_items)
             if len(items) < min_items:
                 split = 'any'
                 items, skipped = build_items(docs, lambda t: True, shape, seed + i, max_items)
             if len(items) < min_items:
-                raise TaskError(f'domain {domain!r}: {len(items)} items from {len(docs)} val documents ({skipped} '
-                                f'shorter than {shape.context_tokens + shape.continuation_tokens} tokens); '
+                raise TaskError(f'domain {domain!r}: {len(items)} items from {len(docs)} val document pieces '
+                                f'({skipped} shorter than {shape.context_tokens + shape.continuation_tokens} '
+                                f'tokens; a piece '
+                                f'has at most max_seq_len={prepared["max_seq_len"]}); '
                                 f'needs at least {min_items} items and {shape.num_choices} usable documents')
             with open(tmp / f'{domain}.jsonl', 'w') as f:
                 for item in items:
@@ -197,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'drpruning-make-tasks: error: {e}', file=sys.stderr)
         return 2
     for domain, counts in written['domains'].items():
-        print(f'{domain:>12}: {counts["items"]:>4} items from {counts["documents"]} val documents '
+        print(f'{domain:>12}: {counts["items"]:>4} items from {counts["documents"]} val document pieces '
               f'({counts["skipped_short"]} too short), split at {counts["split"]} boundaries')
     print(f'wrote {args.out}/{{domain}}.jsonl and {args.out / TASKS_YAML}')
     return 0
