@@ -9,9 +9,9 @@ Output layout (what the `text` and `dynamic_mixture` loaders read)::
 Documents are split between train and val *by document* (seeded shuffle), kept in that shuffled order, joined with
 EOS and cut into `max_seq_len` samples; the tail that does not fill a sample is dropped. The val rows are then
 written in a seeded random order, so the first rows, all that a capped evaluation reads, are a uniform sample of the
-split's rows. Documents are tokenized with special-token
-parsing off, so a document quoting a special token's string (``<|endoftext|>``) keeps it as text. Everything is written into a temporary
-folder beside OUT and renamed at the end, so a failure never leaves a half-written OUT.
+split's rows. Documents are tokenized with special-token parsing off, so a document quoting a special token's string
+(``<|endoftext|>``) keeps it as text. Everything is written into a temporary folder beside OUT and renamed at the
+end, so a failure never leaves a half-written OUT.
 
 CLI (:mod:`drpruning_composer.data.cli`): ``drpruning-prepare --input ROOT --tokenizer TOK --out OUT`` (each
 sub-folder of ROOT is a domain) or ``--domain NAME=PATH`` (repeatable). With ``--instruct`` the sources are
