@@ -131,7 +131,7 @@ def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_p
     calls = []
 
     def fake_evaluate(models, data, max_samples=None, tasks=None):
-        calls.append((models[0], data))
+        calls.append((models[0], data, max_samples))
         return [{'model': models[0], 'loss': {'a': float(len(calls))}}]
 
     monkeypatch.setattr(evaluate_module, 'evaluate', fake_evaluate)
@@ -141,3 +141,9 @@ def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_p
     assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True)['loss'] == {'a': 2.0}
     assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=False)['loss'] == {'a': 3.0}
     assert len(calls) == 3
+    # The evaluated prefix (first N rows) is kept apart from the whole split's evaluation, per N.
+    prefix = source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True, max_samples=16)
+    assert prefix['loss'] == {'a': 4.0} and calls[-1][2] == 16
+    assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True, max_samples=16) == prefix
+    assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True)['loss'] == {'a': 3.0}
+    assert len(calls) == 4
