@@ -203,18 +203,13 @@ def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[s
             for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]] and m in runs[baseline][seeds[0]]}
 
 
-def prefix_error(run: dict, source_loss: dict[str, float], source_prefix: dict[str, float]) -> dict[str, float]:
-    """Per domain: the degradation (L / L_source) measured on the first val rows, both models on the same rows, minus
-    the degradation on the whole split. > 0: the capped evaluation overstates the domain's degradation."""
-    return {d: run['prefix_loss'][d] / source_prefix[d] - run['loss'][d] / source_loss[d] for d in source_loss}
-
-
 def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str],
               source_prefix: dict[int, dict[str, float]] | None = None) -> dict:
     """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`
     and its variants (`challengers`), also against every other rule (the comparisons the method must win). With
     `source_prefix` (the source's loss on the first N val rows, per N), also the prefix's error on each domain's
-    degradation and the number of runs whose prefix names the same worst-degraded domain as the whole split."""
+    degradation (L / L_source on the first rows, both models on the same rows, minus on the whole split; > 0: the
+    running evaluations overstate it) and the number of runs whose prefix names the whole split's worst domain."""
     from drpruning_composer.evaluate import degradation
 
     for seeds in runs.values():
@@ -222,8 +217,8 @@ def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], c
             whole = degradation(r['loss'], source_loss)
             r['worst_degradation'] = max(whole.values())
             if source_prefix and r.get('prefix') in source_prefix:
-                r['prefix_error'] = prefix_error(r, source_loss, source_prefix[r['prefix']])
-                prefix = {d: whole[d] + r['prefix_error'][d] for d in whole}
+                prefix = degradation(r['prefix_loss'], source_prefix[r['prefix']])
+                r['prefix_error'] = {d: prefix[d] - whole[d] for d in whole}
                 r['prefix_names_worst'] = max(prefix, key=prefix.get) == max(whole, key=whole.get)
     summary = {}
     for rule, seeds in runs.items():

@@ -57,7 +57,7 @@ def test_round_trip_decodes_to_input(tiny_demo, sources, tmp_path):
         assert all(p in docs for p in pieces[:-1]) and len(set(pieces[:-1])) == len(pieces) - 1
         assert any(d.startswith(pieces[-1]) for d in docs)
         # The val rows are the packed val documents (held out by document: none is in train), in a random order.
-        train_docs, val_docs = split_documents(docs, 0.2, 17)
+        _, val_docs = split_documents(docs, 0.2, 17)
         assert not set(val_docs) & set(pieces[:-1])
         packed = pack_tokens(encode_text(tok, val_docs), tok.eos_token_id, 32)
         np.testing.assert_array_equal(_all_rows(out, domain, 'val'), shuffle_rows(packed, 17))
@@ -74,8 +74,8 @@ def test_same_seed_gives_identical_shards(tiny_demo, sources, tmp_path):
 
 
 def test_split_order_is_random_not_the_sources():
-    """A prefix of either split (what a capped evaluation reads) is a random sample of documents: over many seeds
-    the position of a document in its split is uncorrelated with its position in the source (source order: 1.0)."""
+    """Neither split keeps the source's document order (often sorted): over many seeds the position of a document
+    in its split is uncorrelated with its position in the source (source order: 1.0)."""
     docs = list(range(200))
     corr = {'train': [], 'val': []}
     for seed in range(40):

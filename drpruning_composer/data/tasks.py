@@ -3,9 +3,9 @@
 ``drpruning-make-tasks --data PREPARED --tokenizer TOK --out TASKS`` writes, for each domain, ``TASKS/{domain}.jsonl``
 in llm-foundry's multiple-choice ICL format (``query``, ``choices``, ``gold``): the query is `context_tokens` tokens of
 a val document (piece: see below), the gold choice the `continuation_tokens` tokens that follow it, and the other
-`num_choices - 1` choices are spans of the same length from *other* val pieces of the same domain, so that the choice needs the
-context and not the domain's style. ``TASKS/tasks.yaml`` lists the tasks for llm-foundry's `icl_tasks`, and
-``TASKS/manifest.json`` counts the items and the documents skipped as too short.
+`num_choices - 1` choices are spans of the same length from *other* val pieces of the same domain, so that the
+choice needs the context and not the domain's style. ``TASKS/tasks.yaml`` lists the tasks for llm-foundry's
+`icl_tasks`, and ``TASKS/manifest.json`` counts the items and the pieces skipped as too short.
 
 Split points are word boundaries (the continuation's first token starts with a space), which keeps llm-foundry's
 handling of a leading space from changing the text it scores. A domain with too few of them for `min_items` items
@@ -160,8 +160,7 @@ def make_tasks(data: Path, tokenizer_path: str, out: Path, shape: TaskShape = Ta
             if len(items) < min_items:
                 raise TaskError(f'domain {domain!r}: {len(items)} items from {len(docs)} val document pieces '
                                 f'({skipped} shorter than {shape.context_tokens + shape.continuation_tokens} '
-                                f'tokens; a piece '
-                                f'has at most max_seq_len={prepared["max_seq_len"]}); '
+                                f'tokens; a piece has at most max_seq_len={prepared["max_seq_len"]}); '
                                 f'needs at least {min_items} items and {shape.num_choices} usable documents')
             with open(tmp / f'{domain}.jsonl', 'w') as f:
                 for item in items:
