@@ -241,12 +241,12 @@ def test_ranks_of_a_node_take_their_leaders_prefix_and_its_errors(tmp_path):
 
 
 TWO_RANKS = '''
-import os, sys
+import json, os, sys
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run(rank, tests, root, port):
+def run(rank, tests, root, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', LOCAL_RANK=str(rank),
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
     dist.init_process_group('gloo', rank=rank, world_size=2)
@@ -258,7 +258,8 @@ def run(rank, tests, root, port):
     if rank == 0:  # the local leader loses the race once
         stolen = steal_the_next_prefix(pytest.MonkeyPatch())
     sources = build_domain_sources(DOMAINS, local=root, remote=None, split='train', batch_size=4)
-    print('rank', rank, [s._shm_prefix_int for s in sources], [len(s) for s in sources], flush=True)
+    with open(os.path.join(out, f'rank{rank}.json'), 'w') as f:  # one file a rank: printed lines can interleave
+        json.dump([[s._shm_prefix_int for s in sources], [len(s) for s in sources]], f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -271,7 +272,7 @@ if __name__ == '__main__':
 def test_two_ranks_build_the_same_datasets_when_the_leader_loses_the_race(data_root, tmp_path):
     """Construction stays collective: with 2 ranks on one node (gloo) and the local leader's first prefix taken by
     another process, both ranks finish (no barrier left waiting) with the same prefixes."""
-    import re
+    import json
     import socket
     import subprocess
     import sys
@@ -282,10 +283,11 @@ def test_two_ranks_build_the_same_datasets_when_the_leader_loses_the_race(data_r
         port = str(s.getsockname()[1])
     (tmp_path / 'two_ranks.py').write_text(TWO_RANKS)
     proc = subprocess.run([sys.executable, str(tmp_path / 'two_ranks.py'), str(Path(__file__).parent), str(data_root),
-                           port], capture_output=True, text=True, timeout=3600)
+                           port, str(tmp_path)], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    ranks = dict(re.findall(r'^rank (\d) (\[.*\] \[.*\])$', proc.stdout, re.M))
-    assert set(ranks) == {'0', '1'} and ranks['0'] == ranks['1'], proc.stdout
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1], ranks
+    assert len(ranks[0][0]) == len(DOMAINS) and len(set(ranks[0][0])) == len(DOMAINS), ranks  # distinct prefixes
 
 
 def test_stream_does_not_depend_on_num_workers_when_weights_change_at_consumed_plus_lag(data_root):
