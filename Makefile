@@ -19,4 +19,4 @@ demo-real: install
 	$(PYTHON) -m drpruning_composer.demo_real --out $(DEMO)_real
 
 test: install
-	$(PYTHON) -m pytest tests -q -p no:cacheprovider
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider --durations=15

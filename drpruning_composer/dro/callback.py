@@ -143,15 +143,15 @@ class DROReweightCallback(Callback):
             the reference ratio does not drift (the reference implementation's 2%, 10% and 20%).
         excess_smoothing: decay of an exponential moving average of the excess loss (loss - reference loss)
             that the update reads; it averages evaluation noise before the update's winner-take-most step.
-            0 disables it. 0.5 halves the weights' jitter at a lag of about two updates (README: the DRO signal).
+            0 disables it. 0.5 halves the weights' jitter at a lag of about two updates (docs/dro_signal.md).
         excess: `absolute` (loss - reference loss, as in the paper) or `relative` (log(loss / reference loss):
             unit-free, comparable across domains whose losses differ in scale). `absolute` is the default for every
             reference, `teacher` included: it is in nats per token, the unit of the LM and KD losses whose
             per-domain sum the weights trade against each other; and the one measured run with `relative` against a
-            fixed per-domain reference (README, "Does DRO keep the domains balanced?": `source`, the teacher's loss
+            fixed per-domain reference (docs/method_quality_demo_earlier.md: `source`, the teacher's loss
             when the teacher is the source) overshot, ending with a worse worst-domain degradation than the
             absolute default recipe (1.054 against 1.045, both seeds) and than the fixed mixture. With `teacher`
-            (README, "Distillation", 3 seeds, with and without distillation), `relative` gave the same worst-domain
+            (docs/distillation.md, 3 seeds, with and without distillation), `relative` gave the same worst-domain
             degradation as `absolute`, within the noise, at a higher mean loss (+0.009 to +0.014 nats).
             The shipped pruning YAMLs use `relative` with `reference_loss: teacher` and `dro_step: mirror`, which
             was measured better on the worst domain than this default and than a fixed mixture (docs/dro_update.md).

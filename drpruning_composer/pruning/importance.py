@@ -13,7 +13,7 @@ Scores, accumulated over calibration batches:
 
 On SmolLM2-135M, one-shot to 6 of 9 heads alone, the head score without W_o raised the mean loss of four domains by
 3.17 nats and the one with it by 1.21; the loss-based layer score lost 1.51 where ShortGPT's block importance
-(1 - cos(h_in, h_out)) lost 1.77 (README, "A real pretrained model").
+(1 - cos(h_in, h_out)) lost 1.77 (docs/real_model.md).
 
 `importance_log_alpha` turns scores into mask logits: per row (what the export's top-k acts on), the units the
 target keeps get `+level`, the others `-level`. Training starts at the target shape chosen by importance (one-shot
