@@ -203,6 +203,20 @@ def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[s
             for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]] and m in runs[baseline][seeds[0]]}
 
 
+def running_gap(runs: dict[str, dict[int, dict]], rule: str, baseline: str,
+                domains: list[str]) -> dict[int, list[tuple[int, float]]]:
+    """Per seed both rules ran: (batch, rule's running eval loss - baseline's), the losses averaged over `domains`
+    with equal weights, at every evaluation both histories hold. Where the two runs still share a trajectory (before
+    the first update) the gap is 0; a gap that opens after one small change of the mixture and persists unchanged is
+    the run's sensitivity to the trajectory, not the rule's effect."""
+    gaps = {}
+    for seed in [s for s in runs[rule] if s in runs[baseline]]:
+        base = {r['batch']: np.mean([r[f'loss/{d}'] for d in domains]) for r in runs[baseline][seed]['history']}
+        gaps[seed] = [(r['batch'], float(np.mean([r[f'loss/{d}'] for d in domains]) - base[r['batch']]))
+                      for r in runs[rule][seed]['history'] if r['batch'] in base]
+    return gaps
+
+
 def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str],
               source_prefix: dict[int, dict[str, float]] | None = None) -> dict:
     """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`
@@ -279,6 +293,18 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
               if other != 'constant']
     for rule, baseline, values in pairs:
         print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
+
+
+def print_running_gaps(runs: dict[str, dict[int, dict]], domains: list[str]) -> None:
+    """Every dynamic rule's running eval loss (equal-weight mean over domains) minus `constant`'s, per seed and
+    evaluation: where a paired difference was made during the run."""
+    if 'constant' not in runs:
+        return
+    for rule in [r for r in runs if r not in ('constant', 'uniform')]:
+        for seed, gap in running_gap(runs, rule, 'constant', domains).items():
+            if gap:
+                print(f'running eval, {rule} - constant, seed {seed}: '
+                      + ' '.join(f'{int(batch)}:{g:+.3f}' for batch, g in gap))
 
 
 def trade_off(ax, summary: dict) -> None:
@@ -395,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
               + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
     print_summary(summary, domains, len(args.seeds), samples, '/'.join(map(str, prefix_sizes)))
+    print(f'\n== running evaluations (mean over domains, batch:gap), rule - constant')
+    print_running_gaps(runs, domains)
     result = {'stage': args.stage, 'data': str(data), 'source': str(source), 'proportions': proportions,
               'seeds': args.seeds,
               'overrides': overrides, 'samples': samples, 'source_loss': source_loss,
