@@ -12,6 +12,8 @@ by seed, which removes the seed noise that dominates unpaired comparisons). Sinc
 evaluations, it also prints how well those read each domain: every export and the source are scored again on the
 first `eval_subset_num_batches` x `device_eval_batch_size` val rows (the rows a capped evaluation reads), and the
 table gives that prefix's degradation minus the whole split's, and how often it names the same worst domain.
+Each dynamic rule's running eval loss minus the fixed mixture's, per seed and evaluation, shows where a paired
+difference was made (0 until the first update).
 It writes `results.json` and
 `results.png` (per-domain bars with error bars, and the weight trajectories of the first seed) under `--out`.
 
@@ -204,11 +206,11 @@ def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[s
 
 
 def running_gap(runs: dict[str, dict[int, dict]], rule: str, baseline: str,
-                domains: list[str]) -> dict[int, list[tuple[int, float]]]:
+                domains: list[str]) -> dict[int, list[tuple[float, float]]]:
     """Per seed both rules ran: (batch, rule's running eval loss - baseline's), the losses averaged over `domains`
-    with equal weights, at every evaluation both histories hold. Where the two runs still share a trajectory (before
-    the first update) the gap is 0; a gap that opens after one small change of the mixture and persists unchanged is
-    the run's sensitivity to the trajectory, not the rule's effect."""
+    with equal weights, at every evaluation both histories hold. Before the first update the two runs of a seed share
+    one trajectory and the gap is 0; how fast it opens after that, against how large the final paired difference is,
+    shows where that difference was made."""
     gaps = {}
     for seed in [s for s in runs[rule] if s in runs[baseline]]:
         base = {r['batch']: np.mean([r[f'loss/{d}'] for d in domains]) for r in runs[baseline][seed]['history']}
@@ -295,16 +297,22 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
         print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
 
 
-def print_running_gaps(runs: dict[str, dict[int, dict]], domains: list[str]) -> None:
-    """Every dynamic rule's running eval loss (equal-weight mean over domains) minus `constant`'s, per seed and
-    evaluation: where a paired difference was made during the run."""
-    if 'constant' not in runs:
-        return
-    for rule in [r for r in runs if r not in ('constant', 'uniform')]:
-        for seed, gap in running_gap(runs, rule, 'constant', domains).items():
+def print_running_gaps(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]],
+                       domains: list[str]) -> None:
+    """Every dynamic rule's running eval loss (equal-weight mean over domains) minus its fixed-mixture twin's
+    (`constant`, or `constant+kd` for a distillation run), per seed and evaluation."""
+    lines = []
+    for rule in [r for r in runs if specs[r][0] not in ('constant', 'uniform')]:
+        baseline = 'constant+kd' if rule.endswith('+kd') else 'constant'
+        if baseline not in runs:
+            continue
+        for seed, gap in running_gap(runs, rule, baseline, domains).items():
             if gap:
-                print(f'running eval, {rule} - constant, seed {seed}: '
-                      + ' '.join(f'{int(batch)}:{g:+.3f}' for batch, g in gap))
+                lines.append(f'running eval, {rule} - {baseline}, seed {seed}: '
+                             + ' '.join(f'{int(batch)}:{g:+.3f}' for batch, g in gap))
+    if lines:
+        print('\n== running evaluations (mean over domains, batch:gap), dynamic rule - fixed mixture\n'
+              + '\n'.join(lines))
 
 
 def trade_off(ax, summary: dict) -> None:
@@ -421,8 +429,7 @@ def main(argv: list[str] | None = None) -> int:
               + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
     print_summary(summary, domains, len(args.seeds), samples, '/'.join(map(str, prefix_sizes)))
-    print(f'\n== running evaluations (mean over domains, batch:gap), rule - constant')
-    print_running_gaps(runs, domains)
+    print_running_gaps(runs, args.specs, domains)
     result = {'stage': args.stage, 'data': str(data), 'source': str(source), 'proportions': proportions,
               'seeds': args.seeds,
               'overrides': overrides, 'samples': samples, 'source_loss': source_loss,

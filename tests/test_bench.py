@@ -51,8 +51,8 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
                 assert run['prefix_error'][d] == pytest.approx(
                     run['prefix_loss'][d] / source_prefix[d] - run['loss'][d] / result['source_loss'][d], abs=1e-12)
     assert 0 <= result['summary']['dro']['prefix_names_worst'] <= 2
-    # Where the paired difference was made: the running gap to constant, 0 until the first update (--quick: the
-    # weights do not move before 10% of 6 batches, so the first evaluation, at batch 2, is shared).
+    # Where the paired difference was made: the running gap to constant. The first evaluation (batch 2; no eval_first)
+    # follows batches trained on the same mixture stream (weights chosen at an evaluation apply only later), so 0.
     gaps = [line for line in proc.stdout.splitlines() if line.startswith('running eval, dro - constant, seed ')]
     assert len(gaps) == 2 and all(' 2:+0.000' in line or ' 2:-0.000' in line for line in gaps), gaps
 
