@@ -297,12 +297,17 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
         print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
 
 
+def dynamic_rules(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """The rules in `runs` whose weights move (base rule `sheared` or `dro`, with or without distillation)."""
+    return [r for r in runs if specs[r][0] not in ('constant', 'uniform')]
+
+
 def print_running_gaps(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]],
                        domains: list[str]) -> None:
     """Every dynamic rule's running eval loss (equal-weight mean over domains) minus its fixed-mixture twin's
     (`constant`, or `constant+kd` for a distillation run), per seed and evaluation."""
     lines = []
-    for rule in [r for r in runs if specs[r][0] not in ('constant', 'uniform')]:
+    for rule in dynamic_rules(runs, specs):
         baseline = 'constant+kd' if rule.endswith('+kd') else 'constant'
         if baseline not in runs:
             continue
@@ -328,13 +333,13 @@ def trade_off(ax, summary: dict) -> None:
     ax.set_title('trade-off (mean +- s.e. over seeds)')
 
 
-def plot(path: Path, summary: dict, runs: dict, domains: list[str]) -> None:
+def plot(path: Path, summary: dict, runs: dict, specs: dict[str, tuple[str, list[str]]], domains: list[str]) -> None:
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    dynamic = [r for r in runs if r not in ('constant', 'uniform')]
+    dynamic = dynamic_rules(runs, specs)
     fig, axes = plt.subplots(1, 2 + len(dynamic), figsize=(11 + 5 * len(dynamic), 4.5))
     axes = np.atleast_1d(axes)
     trade_off(axes[1], summary)
@@ -437,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
               'source_prefix_loss': {str(n): v for n, v in source_prefix.items()}, 'summary': summary,
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
     (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
-    plot(args.out / 'results.png', summary, runs, domains)
+    plot(args.out / 'results.png', summary, runs, args.specs, domains)
     print(f'\nwrote {args.out / "results.json"} and {args.out / "results.png"}')
     return 0
 

@@ -104,7 +104,7 @@ def test_rule_specs_pair_lm_and_distillation_runs_and_pass_preflight(tiny_demo, 
     """`--reference dynamic teacher --distill`: dro once per reference, every rule also with distillation from the
     source, and each run's YAML (the demo recipe with the rule's overrides) passes the pre-flight check."""
     sys.path.insert(0, str(REPO / 'bench'))
-    from method_quality import rule_overrides, rule_specs
+    from method_quality import dynamic_rules, rule_overrides, rule_specs
     from recipes import recipe
 
     from drpruning_composer.config_check import load_and_check
@@ -116,6 +116,10 @@ def test_rule_specs_pair_lm_and_distillation_runs_and_pass_preflight(tiny_demo, 
                        0.5, source)
     assert list(specs) == ['constant', 'dro', 'dro-teacher', 'dro-x', 'constant+kd', 'dro+kd', 'dro-teacher+kd',
                            'dro-x+kd']
+    # The weight panels of the plot and the running gaps take the rules whose weights move, by base rule: the fixed
+    # mixtures' distillation twins are not among them.
+    both = rule_specs(['constant', 'uniform', 'sheared'], {}, ['dynamic'], 0.5, source)
+    assert dynamic_rules(dict.fromkeys(both), both) == ['sheared', 'sheared+kd']
     assert specs['dro-teacher+kd'] == ('dro', ['callbacks.dro_reweight.reference_loss=teacher',
                                                'algorithms.distill.alpha=0.5', f'algorithms.distill.teacher={source}'])
     for rule in specs:
