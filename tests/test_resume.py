@@ -53,6 +53,14 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = HANG_TIMEOUT) -> 
     proc.wait()
 
 
+def _points_to(link: Path, target: str) -> bool:
+    """Whether symlink `link` names `target`; False while Composer replaces it (it removes the old link first)."""
+    try:
+        return os.readlink(link) == target
+    except FileNotFoundError:
+        return False
+
+
 def _run_to_end(cmd: list[str], log: Path) -> str:
     proc = _start(cmd, log)
     assert proc.wait(timeout=HANG_TIMEOUT) == 0, log.read_text()[-4000:]
