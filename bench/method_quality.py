@@ -28,8 +28,9 @@ data folder's natural token proportions unless `--proportions` gives it.
     python bench/method_quality.py --recipe prune_real.yaml --data demo_real/data --source demo_real/source
 
 A `--variant NAME=KEY=VALUE[ KEY=VALUE...]` is one more rule: `dro` with those overrides, run on the same seeds and
-paired against every other rule like `dro`. `--reference dynamic teacher` runs `dro` with each reference loss, and
-`--distill [ALPHA]` runs every rule a second time with distillation from the source model (`NAME+kd`):
+paired against every other rule like `dro` (`--rules` with no names runs the variants alone). `--reference dynamic
+teacher` runs `dro` with each reference loss, and `--distill [ALPHA]` runs every rule a second time with distillation
+from the source model (`NAME+kd`):
 
     python bench/method_quality.py --rules constant dro --reference dynamic teacher --distill
 """
@@ -369,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_data_arguments(p)
     p.add_argument('--out', type=Path, default=Path('runs/method_quality'))
-    p.add_argument('--rules', nargs='+', default=['constant', 'sheared', 'dro'], choices=RULES)
+    p.add_argument('--rules', nargs='*', default=['constant', 'sheared', 'dro'], choices=RULES,
+                   help='built-in rules to run (none: only the --variant rules)')
     p.add_argument('--seeds', nargs='+', type=int, default=[17, 18, 19])
     p.add_argument('--proportions', nargs='+', type=float, help='reference ratio (default: natural proportions)')
     p.add_argument('--stage', default='prune', choices=STAGES,
@@ -399,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = parse_variants(args.variant)
     except ValueError as e:
         p.error(str(e))
+    if not args.rules and not args.variants:
+        p.error('--rules: name at least one rule, or give a --variant')
     if args.stage == 'instruct' and args.tasks:
         p.error('--tasks scores continuation tasks of token data; it does not apply to --stage instruct')
     data, source = data_and_source(args)

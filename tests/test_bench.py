@@ -155,3 +155,43 @@ def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_p
     assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True, max_samples=16) == prefix
     assert source_evaluation(tmp_path / 's2', tmp_path / 'data', None, tmp_path, reuse=True)['loss'] == {'a': 3.0}
     assert len(calls) == 4
+
+
+def test_method_quality_runs_only_the_variants_when_no_rule_is_named(tmp_path, capsys):
+    """`--rules` with no names runs only the `--variant` rules (a variant on its own seed in a second process); with
+    neither, the command stops before any work with an error naming `--rules`."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from method_quality import main, rule_specs
+
+    specs = rule_specs([], {'dro-late': ['callbacks.dro_reweight.update_after=0.5']}, ['dynamic'], None, tmp_path)
+    assert specs == {'dro-late': ('dro', ['callbacks.dro_reweight.update_after=0.5'])}
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--rules', '--out', str(tmp_path / 'out')])
+    assert exit_info.value.code == 2
+    assert '--rules: name at least one rule, or give a --variant' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_forecast_excess_names_the_slow_domain_that_today_s_loss_misses(tmp_path):
+    """Two domains on exact power laws L = 2 + A (T/40)^-beta: `a` starts far worse but falls fast, `b` falls slowly
+    and ends worst. Today's excess names `a` at batches 30-40; the forecast from the same evaluations names `b` and
+    predicts the last loss to within 0.05 nats."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from forecast_excess import worst_domains
+
+    from drpruning_composer.dro.report import write_history_csv
+
+    (tmp_path / 'dro').mkdir()
+    rows = []
+    for batch in range(10, 101, 10):
+        t = 4.0 * batch
+        losses = {'a': 2 + 12 * (t / 40) ** -1.0, 'b': 2 + 3 * (t / 40) ** -0.2}
+        rows.append({'batch': batch, 'sample': t, 'update': batch // 10,
+                     **{f'{q}/{d}': v for d, loss in losses.items()
+                        for q, v in (('weight', 0.5), ('loss', loss), ('ref_loss', 2.0))}})
+    write_history_csv(str(tmp_path / 'dro' / 'history.csv'), ['a', 'b'], rows)
+    end_worst, table = worst_domains(tmp_path, start=30)
+    assert end_worst == 'b'
+    assert [row[:3] for row in table[:2]] == [(30, 'a', 'b'), (40, 'a', 'b')]
+    assert [row[0] for row in table] == list(range(30, 100, 10))  # the last evaluation is the answer, not a row
+    assert all(row[3] < 0.05 for row in table)
