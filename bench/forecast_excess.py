@@ -42,9 +42,10 @@ def worst_domains(path: Path, start: int) -> tuple[str, list[tuple[int, str, str
     """For one run's history: (the domain with the largest excess at the last evaluation, per evaluation t >= start:
     (batch, today's worst domain, the forecast's worst domain, mean |forecast - last loss| over domains in nats))."""
     domains, rows = read_history_csv(str(path / 'dro' / 'history.csv'))
-    rows = [r for r in rows if r['batch'] is not None]
+    rows = [r for r in rows if r['batch'] is not None and r['sample']
+            and all(r[f'loss/{d}'] is not None for d in domains)]  # evaluations that measured every domain
     if not rows or any(r[f'ref_loss/{d}'] is None for r in rows for d in domains):
-        raise ValueError(f'{path}: history has no reference losses to judge excess against')
+        raise ValueError(f'{path}: history has no evaluations with reference losses to judge excess against')
     last = rows[-1]
 
     def excess(r: dict, d: str, loss: float | None = None) -> float:
