@@ -5,10 +5,10 @@ with `update: constant`): per domain, the eval loss against the samples seen, an
 teacher's loss in runs with `reference_loss: teacher`). At every evaluation t from `--start` on, it fits
 L(T) = A * T^-beta + E to each domain's losses up to t (`fit_scaling_law` with the size fixed) and predicts the loss
 at the run's last evaluation. It prints, per run and t, the domain with the largest excess log(L_t / L_ref) today
-(the raw excess; the DRO step reads it smoothed) and the one with the largest forecast excess log(L_end_predicted / L_ref), against the
-domain whose excess is largest at the last evaluation; then, per t, in how many runs each names that domain, and the
-forecast's mean absolute error on the last loss (nats). A forecast assumes the mixture stays as it was: read it on
-runs with a fixed mixture. Pure numpy/scipy on the CSVs, seconds.
+(the raw excess; the DRO step reads it smoothed) and the one with the largest forecast excess
+log(L_end_predicted / L_ref), against the domain whose excess is largest at the last evaluation; then, per t, in how
+many runs each names that domain, and the forecast's mean absolute error on the last loss (nats). A forecast
+assumes the mixture stays as it was: read it on runs with a fixed mixture. Pure numpy/scipy on the CSVs, seconds.
 
 Run: python bench/forecast_excess.py runs/mq_real_lr5e-4/uniform-seed17 runs/mq_real_lr5e-4/uniform-seed18 ...
 """
@@ -46,6 +46,7 @@ def worst_domains(path: Path, start: int, min_points: int = 3) -> tuple[str, lis
     `min_points` of them (the law has 3 parameters). Raises ValueError when the history has none.
     """
     domains, rows = read_history_csv(str(path / 'dro' / 'history.csv'))
+
     def usable(r: dict) -> bool:  # an evaluation with finite, positive losses and reference losses for every domain
         values = [r['sample']] + [r[f'{q}/{d}'] for d in domains for q in ('loss', 'ref_loss')]
         return r['batch'] is not None and all(v is not None and math.isfinite(v) and v > 0 for v in values)

@@ -157,7 +157,7 @@ def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_p
     assert len(calls) == 4
 
 
-def test_method_quality_runs_only_the_variants_when_no_rule_is_named(tmp_path, capsys):
+def test_method_quality_runs_only_the_variants_when_no_rule_is_named(tmp_path, capsys, monkeypatch):
     """`--rules` with no names runs only the `--variant` rules (a variant on its own seed in a second process); with
     neither, the command stops before any work with an error naming `--rules`."""
     sys.path.insert(0, str(REPO / 'bench'))
@@ -165,6 +165,17 @@ def test_method_quality_runs_only_the_variants_when_no_rule_is_named(tmp_path, c
 
     specs = rule_specs([], {'dro-late': ['callbacks.dro_reweight.update_after=0.5']}, ['dynamic'], None, tmp_path)
     assert specs == {'dro-late': ('dro', ['callbacks.dro_reweight.update_after=0.5'])}
+    import method_quality
+
+    class ReachedTheData(Exception):
+        pass
+
+    def stop(args):
+        raise ReachedTheData
+
+    monkeypatch.setattr(method_quality, 'data_and_source', stop)  # the argument checks passed
+    with pytest.raises(ReachedTheData):
+        main(['--rules', '--variant', 'dro-late=callbacks.dro_reweight.update_after=0.5', '--out', str(tmp_path / 'v')])
     with pytest.raises(SystemExit) as exit_info:
         main(['--rules', '--out', str(tmp_path / 'out')])
     assert exit_info.value.code == 2
