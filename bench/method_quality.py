@@ -223,7 +223,8 @@ def running_gap(runs: dict[str, dict[int, dict]], rule: str, baseline: str,
 def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str],
               source_prefix: dict[int, dict[str, float]] | None = None) -> dict:
     """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`
-    and its variants (`challengers`), also against every other rule (the comparisons the method must win). With
+    and its variants (`challengers`), also against every other rule (the comparisons the method must win); for a
+    distillation run `NAME+kd`, also against its LM-loss twin `NAME`. With
     `source_prefix` (the source's loss on the first N val rows, per N), also the prefix's error on each domain's
     degradation (L / L_source on the first rows, both models on the same rows, minus on the whole split; > 0: the
     running evaluations overstate it) and the number of runs whose prefix names the whole split's worst domain."""
@@ -250,6 +251,9 @@ def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], c
             entry['minus_constant'] = paired(runs, rule, 'constant')
         if rule in challengers:
             entry['minus'] = {other: paired(runs, rule, other) for other in runs if other != rule}
+        twin = rule.removesuffix('+kd')
+        if twin != rule and twin in runs:  # what distillation changes, seed by seed, for the same mixing rule
+            entry.setdefault('minus', {})[twin] = paired(runs, rule, twin)
         summary[rule] = entry
     return summary
 

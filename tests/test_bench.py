@@ -129,6 +129,29 @@ def test_rule_specs_pair_lm_and_distillation_runs_and_pass_preflight(tiny_demo, 
         assert ('distill' in cfg['algorithms']) == rule.endswith('+kd')
 
 
+def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
+    """`uniform+kd` is paired with `uniform` on the seeds both ran (the difference distillation makes under one
+    mixing rule), not only with `constant`; a rule without a twin gets no such pair."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from method_quality import summarise
+
+    source = {'a': 2.0, 'b': 4.0}
+
+    def run(a: float, b: float) -> dict:
+        return {'loss': {'a': a, 'b': b}, 'mean_loss': (a + b) / 2, 'worst_loss': max(a, b)}
+
+    runs = {'uniform': {17: run(3.0, 5.0), 18: run(3.2, 5.0)},
+            'uniform+kd': {17: run(2.9, 4.6), 18: run(3.0, 4.8), 19: run(9.0, 9.0)},
+            'sheared': {17: run(3.1, 5.1)}}
+    summary = summarise(runs, source, challengers=[])
+    twin = summary['uniform+kd']['minus']['uniform']
+    # mean loss: seed 17 3.75 - 4.0, seed 18 3.9 - 4.1 (seed 19 has no LM twin); worst degradation (domain a):
+    # seed 17 1.45 - 1.5, seed 18 1.5 - 1.6
+    assert twin['mean_loss'] == pytest.approx((-0.225, 0.025))
+    assert twin['worst_degradation'] == pytest.approx((-0.075, 0.025))
+    assert 'minus' not in summary['uniform'] and 'minus' not in summary['sheared']
+
+
 def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_path, monkeypatch):
     """The source's evaluation is written under --out; with reuse it is read back for the same source, data and
     tasks, and made again for any other (a stale cache would judge every run against the wrong model)."""
