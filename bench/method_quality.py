@@ -7,8 +7,8 @@ tasks, losses are response-only and "degradation" is L / L_start, the tuned mode
 evaluates the exported model on the **whole** val split of every domain. It prints, as mean +- standard error over seeds: per-domain loss, mean loss,
 worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
 time, and with `--tasks` each domain's multiple-choice continuation accuracy (`drpruning-make-tasks`) and their
-average, as the paper's per-domain table; then the same metrics as per-seed differences against `constant` (paired
-by seed, which removes the seed noise that dominates unpaired comparisons). Since the update steers by the running
+average, as the paper's per-domain table; then the same metrics and each domain's loss as per-seed differences
+against `constant` (paired by seed, which removes the seed noise that dominates unpaired comparisons). Since the update steers by the running
 evaluations, it also prints how well those read each domain: every export and the source are scored again on the
 first `eval_subset_num_batches` x `device_eval_batch_size` val rows (the rows a capped evaluation reads), and the
 table gives that prefix's degradation minus the whole split's, and how often it names the same worst domain.
@@ -199,11 +199,17 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float('nan')
 
 
-def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict[str, tuple[float, float]]:
-    """Mean +- s.e. over the seeds both rules ran of the per-seed difference `rule - baseline`, per metric."""
+def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict:
+    """Mean +- s.e. over the seeds both rules ran of the per-seed difference `rule - baseline`, per metric, and per
+    domain under `loss` ({domain: (mean, s.e.)} of the export losses' differences: where a rule gains and pays)."""
     seeds = [s for s in runs[rule] if s in runs[baseline]]
-    return {m: mean_se([runs[rule][s][m] - runs[baseline][s][m] for s in seeds])
-            for m in METRICS if m != 'wall_s' and m in runs[rule][seeds[0]] and m in runs[baseline][seeds[0]]}
+    rule_runs, base_runs = [runs[rule][s] for s in seeds], [runs[baseline][s] for s in seeds]
+    values = {m: mean_se([r[m] - b[m] for r, b in zip(rule_runs, base_runs)])
+              for m in METRICS if m != 'wall_s' and m in rule_runs[0] and m in base_runs[0]}
+    if 'loss' in rule_runs[0] and 'loss' in base_runs[0]:
+        values['loss'] = {d: mean_se([r['loss'][d] - b['loss'][d] for r, b in zip(rule_runs, base_runs)])
+                          for d in rule_runs[0]['loss']}
+    return values
 
 
 def running_gap(runs: dict[str, dict[int, dict]], rule: str, baseline: str,
@@ -299,7 +305,10 @@ def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: di
     pairs += [(rule, other, v) for rule, e in summary.items() for other, v in e.get('minus', {}).items()
               if other != 'constant']
     for rule, baseline, values in pairs:
-        print(f'{rule + " - " + baseline:<20} ' + '  '.join(f'{m} {_pm(v)}' for m, v in values.items()))
+        metrics = [f'{m} {_pm(v)}' for m, v in values.items() if m != 'loss']
+        per_domain = [f'{d} {_pm(v)}' for d, v in values.get('loss', {}).items()]
+        print(f'{rule + " - " + baseline:<20} ' + '  '.join(metrics)
+              + (f'\n{"":<20} loss per domain: ' + '  '.join(per_domain) if per_domain else ''))
 
 
 def dynamic_rules(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]]) -> list[str]:

@@ -33,7 +33,9 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
             assert set(run['loss']) == set(DOMAINS)
             config = AutoConfig.from_pretrained(run['model'])
             assert {k: getattr(config, k) for k in TINY_TARGET} == TINY_TARGET
-    assert set(result['summary']['dro']['minus_constant']) == {'mean_loss', 'worst_loss', 'worst_degradation'}
+    minus_constant = result['summary']['dro']['minus_constant']
+    assert set(minus_constant) == {'mean_loss', 'worst_loss', 'worst_degradation', 'loss'}
+    assert set(minus_constant['loss']) == set(DOMAINS)
     assert set(result['summary']['dro-source']['minus']) == {'constant', 'dro'}
     for seed in ('1', '2'):  # the variant measured its reference at batch 0, before any update
         rows = result['runs']['dro-source'][seed]['history']
@@ -131,7 +133,8 @@ def test_rule_specs_pair_lm_and_distillation_runs_and_pass_preflight(tiny_demo, 
 
 def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
     """`uniform+kd` is paired with `uniform` on the seeds both ran (the difference distillation makes under one
-    mixing rule), not only with `constant`; a rule without a twin gets no such pair."""
+    mixing rule), not only with `constant`, in every metric and in each domain's loss; a rule without a twin gets no
+    such pair."""
     sys.path.insert(0, str(REPO / 'bench'))
     from method_quality import summarise
 
@@ -149,6 +152,8 @@ def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
     # seed 17 1.45 - 1.5, seed 18 1.5 - 1.6
     assert twin['mean_loss'] == pytest.approx((-0.225, 0.025))
     assert twin['worst_degradation'] == pytest.approx((-0.075, 0.025))
+    # per domain: a -0.1, -0.2; b -0.4, -0.2 (where distillation gains, seed by seed)
+    assert twin['loss']['a'] == pytest.approx((-0.15, 0.05)) and twin['loss']['b'] == pytest.approx((-0.3, 0.1))
     assert 'minus' not in summary['uniform'] and 'minus' not in summary['sheared']
 
 
