@@ -8,10 +8,11 @@ evaluates the exported model on the **whole** val split of every domain. It prin
 worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
 time, and with `--tasks` each domain's multiple-choice continuation accuracy (`drpruning-make-tasks`) and their
 average, as the paper's per-domain table; then the same metrics and each domain's loss as per-seed differences
-against `constant` (paired by seed, which removes the seed noise that dominates unpaired comparisons). Since the update steers by the running
-evaluations, it also prints how well those read each domain: every export and the source are scored again on the
-first `eval_subset_num_batches` x `device_eval_batch_size` val rows (the rows a capped evaluation reads), and the
-table gives that prefix's degradation minus the whole split's, and how often it names the same worst domain.
+against `constant` (paired by seed, which removes the seed noise that dominates unpaired comparisons). Since the
+update steers by the running evaluations, it also prints how well those read each domain: every export and the source
+are scored again on the first `eval_subset_num_batches` x `device_eval_batch_size` val rows (the rows a capped
+evaluation reads), and the table gives that prefix's degradation minus the whole split's, and how often it names the
+same worst domain.
 Each dynamic rule's running eval loss minus the fixed mixture's, per seed and evaluation, shows where a paired
 difference was made (0 until the first update).
 It writes `results.json` and
