@@ -1,22 +1,25 @@
 """Method quality: the same pruning job under each data-mixing rule, over several seeds, judged on the exports.
 
-For every rule and seed it runs `composer train.py` on the demo's recipe of one stage, rewritten for the data folder's
-domains (`--stage prune`: `yamls/demo/prune.yaml`; `continue`: that, then continued pretraining of the export;
-`instruct`: instruction tuning of `--source` on instruction data, `yamls/demo/instruct.yaml`, where the domains are
-tasks, losses are response-only and "degradation" is L / L_start, the tuned model against its starting point) and
-evaluates the exported model on the **whole** val split of every domain. It prints, as mean +- standard error over seeds: per-domain loss, mean loss,
-worst-domain loss, worst-domain degradation against the source (max over domains of L_pruned / L_source) and wall
-time, and with `--tasks` each domain's multiple-choice continuation accuracy (`drpruning-make-tasks`) and their
-average, as the paper's per-domain table; then the same metrics and each domain's loss as per-seed differences
-against `constant` (paired by seed, which removes the seed noise that dominates unpaired comparisons). Since the
-update steers by the running evaluations, it also prints how well those read each domain: every export and the source
-are scored again on the first `eval_subset_num_batches` x `device_eval_batch_size` val rows (the rows a capped
-evaluation reads), and the table gives that prefix's degradation minus the whole split's, and how often it names the
-same worst domain.
-Each dynamic rule's running eval loss minus the fixed mixture's, per seed and evaluation, shows where a paired
-difference was made (0 until the first update).
-It writes `results.json` and
-`results.png` (per-domain bars with error bars, and the weight trajectories of the first seed) under `--out`.
+For every rule and seed it runs `composer train.py` on the demo's recipe of one stage, rewritten for the data
+folder's domains (`--stage prune`: `yamls/demo/prune.yaml`; `continue`: that, then continued pretraining of the
+export; `instruct`: instruction tuning of `--source` on instruction data, `yamls/demo/instruct.yaml`, where the
+domains are tasks, losses are response-only and "degradation" is L / L_start, the tuned model against its starting
+point) and evaluates the exported model on the **whole** val split of every domain. It prints, as mean +- standard
+error over seeds: per-domain loss, mean loss, worst-domain loss, worst-domain degradation against the source (max
+over domains of L_pruned / L_source) and wall time, and with `--tasks` each domain's multiple-choice continuation
+accuracy (`drpruning-make-tasks`) and their average, as the paper's per-domain table; then the same metrics and each
+domain's loss as per-seed differences (paired by seed, which removes the seed noise that dominates unpaired
+comparisons): every rule against `constant`, a distillation run against its LM-loss twin and `constant+kd`, a
+dynamic rule against every fixed mixture trained with the same loss, and `dro` and its variants against every other
+rule trained with the same loss. Since the update steers by the running evaluations, it also prints how well those
+read each domain: every export and the source are scored again on the first `eval_subset_num_batches` x
+`device_eval_batch_size` val rows (the rows a capped evaluation reads), and the table gives that prefix's
+degradation minus the whole split's, and how often it names the same worst domain. Each dynamic rule's running eval
+loss minus the fixed mixture's, per seed and evaluation, shows where a paired difference was made (0 until the first
+update). It writes `results.json`, `results.png` (per-domain bars with error bars, the trade-off and the weight
+trajectories of the first seed) and `results_trade_off.png` (mean loss against worst-domain degradation, one point
+per rule) under `--out`. `--summary-only` trains nothing and summarises the named rules' runs already finished
+there.
 
 Rules: `constant` (the reference ratio, fixed), `uniform` (equal weights, fixed), `sheared` (Sheared-LLaMA's dynamic
 batch loading), `dro` (DRPruning: chi-square DRO step, dynamic reference loss and ratio). The reference ratio is the
@@ -162,6 +165,12 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     return run
 
 
+def finished(out: Path, rule: str, seed: int, stage: str) -> bool:
+    """Whether the run of `rule` and `seed` under `out` has trained to the end of `stage` (what --reuse keeps)."""
+    save = out / f'{rule}-seed{seed}'
+    return (save / 'continue' / 'run.json' if stage == 'continue' else save / 'run.json').is_file()
+
+
 def evaluated_prefix(yaml: Path) -> int | None:
     """Rows per val split that each running evaluation of a recipe reads: `eval_subset_num_batches` x
     `device_eval_batch_size` (None when evaluations read whole splits, or the recipe is gone)."""
@@ -201,11 +210,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict:
-    """Mean +- s.e. over the seeds both rules ran of the per-seed difference `rule - baseline`, per metric, and per
-    domain under `loss` ({domain: (mean, s.e.)} of the export losses' differences: where a rule gains and pays)."""
+    """Mean +- s.e. over the seeds both rules ran (listed under `seeds`; none: only that key) of the per-seed
+    difference `rule - baseline`, per metric, and per domain under `loss` ({domain: (mean, s.e.)} of the export
+    losses' differences: where a rule gains and pays)."""
     seeds = [s for s in runs[rule] if s in runs[baseline]]
     rule_runs, base_runs = [runs[rule][s] for s in seeds], [runs[baseline][s] for s in seeds]
-    values = {m: mean_se([r[m] - b[m] for r, b in zip(rule_runs, base_runs)])
+    if not seeds:
+        return {'seeds': []}
+    values: dict = {'seeds': seeds}
+    values |= {m: mean_se([r[m] - b[m] for r, b in zip(rule_runs, base_runs)])
               for m in METRICS if m != 'wall_s' and m in rule_runs[0] and m in base_runs[0]}
     if 'loss' in rule_runs[0] and 'loss' in base_runs[0]:
         values['loss'] = {d: mean_se([r['loss'][d] - b['loss'][d] for r, b in zip(rule_runs, base_runs)])
@@ -227,11 +240,47 @@ def running_gap(runs: dict[str, dict[int, dict]], rule: str, baseline: str,
     return gaps
 
 
-def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], challengers: list[str],
+def comparisons(rules: list[str], specs: dict[str, tuple[str, list[str]]]) -> dict[str, list[str]]:
+    """The baselines each rule is paired against, seed by seed (`rule - baseline`): a distillation run `NAME+kd`
+    against its LM-loss twin `NAME` (what distillation changes under one mixing rule); every rule against `constant`
+    (and a distillation run against `constant+kd`); a dynamic rule (base `sheared` or `dro`: its weights move)
+    against every fixed mixture (base `constant` or `uniform`) trained with the same loss (`+kd` or not); `dro` and
+    its variants (the method) against every other rule trained with the same loss, a rule listed later minus one
+    listed earlier. Each pair of rules appears once, in the first of these orders that names it."""
+    pairs: list[tuple[str, str]] = []
+
+    def add(rule: str, baseline: str) -> None:
+        if baseline in rules and baseline != rule and (rule, baseline) not in pairs and (baseline, rule) not in pairs:
+            pairs.append((rule, baseline))
+
+    kd = {r: r.endswith('+kd') for r in rules}
+    for rule in rules:
+        add(rule, rule.removesuffix('+kd'))
+    for rule in rules:
+        add(rule, 'constant')
+        if kd[rule]:
+            add(rule, 'constant+kd')
+    for rule in rules:
+        if specs[rule][0] in ('sheared', 'dro'):
+            for other in rules:
+                if specs[other][0] in ('constant', 'uniform') and kd[other] == kd[rule]:
+                    add(rule, other)
+    for rule in reversed(rules):  # a variant minus the rules listed before it (the default, the peers)
+        if specs[rule][0] == 'dro':
+            for other in rules:
+                if kd[other] == kd[rule]:
+                    add(rule, other)
+    baselines: dict[str, list[str]] = {}
+    for rule, baseline in pairs:
+        baselines.setdefault(rule, []).append(baseline)
+    return baselines
+
+
+def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float],
+              specs: dict[str, tuple[str, list[str]]],
               source_prefix: dict[int, dict[str, float]] | None = None) -> dict:
-    """Per rule: every metric's mean +- s.e. over seeds, and its paired differences against `constant`; for `dro`
-    and its variants (`challengers`), also against every other rule (the comparisons the method must win); for a
-    distillation run `NAME+kd`, also against its LM-loss twin `NAME`. With
+    """Per rule: the seeds it ran, every metric's mean +- s.e. over them, and under `minus` its paired differences
+    against the baselines `comparisons` names (on the seeds both ran). With
     `source_prefix` (the source's loss on the first N val rows, per N), also the prefix's error on each domain's
     degradation (L / L_source on the first rows, both models on the same rows, minus on the whole split; > 0: the
     running evaluations overstate it) and the number of runs whose prefix names the whole split's worst domain."""
@@ -245,22 +294,19 @@ def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float], c
                 prefix = degradation(r['prefix_loss'], source_prefix[r['prefix']])
                 r['prefix_error'] = {d: prefix[d] - whole[d] for d in whole}
                 r['prefix_names_worst'] = max(prefix, key=prefix.get) == max(whole, key=whole.get)
+    baselines = comparisons(list(runs), specs)
     summary = {}
     for rule, seeds in runs.items():
-        entry = {m: mean_se([r[m] for r in seeds.values()]) for m in METRICS if m in next(iter(seeds.values()))}
+        entry = {'seeds': sorted(seeds)}
+        entry.update({m: mean_se([r[m] for r in seeds.values()]) for m in METRICS if m in next(iter(seeds.values()))})
         for quantity in ('loss', 'accuracy'):
             if quantity in next(iter(seeds.values())):
                 entry[quantity] = {d: mean_se([r[quantity][d] for r in seeds.values()]) for d in source_loss}
         if all('prefix_error' in r for r in seeds.values()):
             entry['prefix_error'] = {d: mean_se([r['prefix_error'][d] for r in seeds.values()]) for d in source_loss}
             entry['prefix_names_worst'] = sum(r['prefix_names_worst'] for r in seeds.values())
-        if rule != 'constant' and 'constant' in runs:
-            entry['minus_constant'] = paired(runs, rule, 'constant')
-        if rule in challengers:
-            entry['minus'] = {other: paired(runs, rule, other) for other in runs if other != rule}
-        twin = rule.removesuffix('+kd')
-        if twin != rule and twin in runs:  # what distillation changes, seed by seed, for the same mixing rule
-            entry.setdefault('minus', {})[twin] = paired(runs, rule, twin)
+        if rule in baselines:
+            entry['minus'] = {other: paired(runs, rule, other) for other in baselines[rule]}
         summary[rule] = entry
     return summary
 
@@ -273,43 +319,45 @@ def _percent(value: tuple[float, float]) -> tuple[float, float]:
     return 100 * value[0], 100 * value[1]
 
 
-def print_summary(summary: dict, domains: list[str], num_seeds: int, samples: dict[str, int],
-                  prefix_rows: str = '') -> None:
+def print_summary(summary: dict, domains: list[str], samples: dict[str, int], prefix_rows: str = '') -> None:
+    """The tables: per rule (over the `n` seeds it ran) and per pair of rules (over the seeds both ran)."""
+    w = max(9, *map(len, summary))
     print(f'\n== exported models, whole val splits ({", ".join(f"{d} {samples[d]}" for d in domains)} samples), '
-          f'mean +- s.e. over {num_seeds} seeds')
-    head = f"{'rule':<9} " + ' '.join(f'{d:>16}' for d in domains) + \
+          'mean +- s.e. over the n seeds each rule ran')
+    head = f"{'rule':<{w}} {'n':>2} " + ' '.join(f'{d:>16}' for d in domains) + \
         f" {'mean loss':>16} {'worst loss':>16} {'worst degr.':>16} {'wall s':>10}"
     print(head + '\n' + '-' * len(head))
     for rule, e in summary.items():
-        print(f'{rule:<9} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
+        print(f'{rule:<{w}} {len(e["seeds"]):>2} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
               + f" {_pm(e['mean_loss']):>16} {_pm(e['worst_loss']):>16} {_pm(e['worst_degradation']):>16}"
               + f" {_pm(e['wall_s'], 0):>10}")
     if all('accuracy' in e for e in summary.values()):
-        print(f'\n== per-domain continuation accuracy (%), mean +- s.e. over {num_seeds} seeds')
-        head = f"{'rule':<9} " + ' '.join(f'{d:>14}' for d in domains) + f" {'average':>14}"
+        print('\n== per-domain continuation accuracy (%), mean +- s.e. over the n seeds each rule ran')
+        head = f"{'rule':<{w}} {'n':>2} " + ' '.join(f'{d:>14}' for d in domains) + f" {'average':>14}"
         print(head + '\n' + '-' * len(head))
         for rule, e in summary.items():
-            print(f'{rule:<9} ' + ' '.join(f'{_pm(_percent(e["accuracy"][d]), 2):>14}' for d in domains)
+            print(f'{rule:<{w}} {len(e["seeds"]):>2} '
+                  + ' '.join(f'{_pm(_percent(e["accuracy"][d]), 2):>14}' for d in domains)
                   + f" {_pm(_percent(e['mean_accuracy']), 2):>14}")
     prefixes = {rule: e for rule, e in summary.items() if 'prefix_error' in e}
     if prefixes:
         print(f'\n== what the running evaluations read: degradation on the first {prefix_rows} val rows minus on the '
               f'whole split (mean +- s.e. over seeds), and the runs whose prefix names the whole split\'s worst domain')
-        head = f"{'rule':<9} " + ' '.join(f'{d:>16}' for d in domains) + f" {'same worst':>11}"
+        head = f"{'rule':<{w}} " + ' '.join(f'{d:>16}' for d in domains) + f" {'same worst':>11}"
         print(head + '\n' + '-' * len(head))
         for rule, e in prefixes.items():
-            print(f'{rule:<9} ' + ' '.join(f'{_pm(e["prefix_error"][d]):>16}' for d in domains)
-                  + f" {e['prefix_names_worst']:>6} of {num_seeds}")
-    print('\n== paired by seed: rule - baseline (mean +- s.e. of the per-seed differences; < 0 is better, '
-          'except accuracy)')
-    pairs = [(rule, 'constant', e['minus_constant']) for rule, e in summary.items() if 'minus_constant' in e]
-    pairs += [(rule, other, v) for rule, e in summary.items() for other, v in e.get('minus', {}).items()
-              if other != 'constant']
+            print(f'{rule:<{w}} ' + ' '.join(f'{_pm(e["prefix_error"][d]):>16}' for d in domains)
+                  + f" {e['prefix_names_worst']:>6} of {len(e['seeds'])}")
+    print('\n== paired by seed: rule - baseline (mean +- s.e. of the per-seed differences over the n seeds both ran; '
+          '< 0 is better, except accuracy)')
+    pairs = [(rule, baseline, v) for rule, e in summary.items() for baseline, v in e.get('minus', {}).items()
+             if v['seeds']]
+    wp = max([20] + [len(f'{r} - {b}') for r, b, _ in pairs])
     for rule, baseline, values in pairs:
-        metrics = [f'{m} {_pm(v)}' for m, v in values.items() if m != 'loss']
+        metrics = [f'{m} {_pm(v)}' for m, v in values.items() if m not in ('loss', 'seeds')]
         per_domain = [f'{d} {_pm(v)}' for d, v in values.get('loss', {}).items()]
-        print(f'{rule + " - " + baseline:<20} ' + '  '.join(metrics)
-              + (f'\n{"":<20} loss per domain: ' + '  '.join(per_domain) if per_domain else ''))
+        print(f'{rule + " - " + baseline:<{wp}} n {len(values["seeds"])}  ' + '  '.join(metrics)
+              + (f'\n{"":<{wp}} loss per domain: ' + '  '.join(per_domain) if per_domain else ''))
 
 
 def dynamic_rules(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]]) -> list[str]:
@@ -337,26 +385,33 @@ def print_running_gaps(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[
 
 def trade_off(ax, summary: dict) -> None:
     """One point per rule: mean loss of the export against its worst-domain degradation, with s.e. bars both ways
-    (lower left is better on both)."""
-    for rule, e in summary.items():
+    (lower left is better on both); squares for distillation runs."""
+    import matplotlib
+
+    colours = matplotlib.colormaps['tab20' if len(summary) > 10 else 'tab10']
+    for i, (rule, e) in enumerate(summary.items()):
         (x, dx), (y, dy) = e['worst_degradation'], e['mean_loss']
-        ax.errorbar(x, y, xerr=0 if math.isnan(dx) else dx, yerr=0 if math.isnan(dy) else dy, fmt='o', capsize=3,
-                    label=rule)
+        ax.errorbar(x, y, xerr=0 if math.isnan(dx) else dx, yerr=0 if math.isnan(dy) else dy,
+                    fmt='s' if rule.endswith('+kd') else 'o', capsize=3, label=rule, color=colours(i))
         ax.annotate(rule, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=8)
     ax.set_xlabel('worst-domain degradation (max L / L_source)')
     ax.set_ylabel('mean loss of the export')
-    ax.set_title('trade-off (mean +- s.e. over seeds)')
+    ax.set_title('trade-off (mean +- s.e. over seeds; lower left is better)')
 
 
 def plot(path: Path, summary: dict, runs: dict, specs: dict[str, tuple[str, list[str]]], domains: list[str]) -> None:
+    """`path`: per-domain bars, the trade-off and each dynamic rule's weights (first seed), four panels a row; and
+    the trade-off alone, larger, beside it (`NAME_trade_off.png`)."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     dynamic = dynamic_rules(runs, specs)
-    fig, axes = plt.subplots(1, 2 + len(dynamic), figsize=(11 + 5 * len(dynamic), 4.5))
-    axes = np.atleast_1d(axes)
+    cols = min(4, 2 + len(dynamic))
+    rows = math.ceil((2 + len(dynamic)) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False)
+    axes = axes.ravel()
     trade_off(axes[1], summary)
     width = 0.8 / len(summary)
     for i, (rule, e) in enumerate(summary.items()):
@@ -367,16 +422,23 @@ def plot(path: Path, summary: dict, runs: dict, specs: dict[str, tuple[str, list
     lows = [e['loss'][d][0] for e in summary.values() for d in domains]
     axes[0].set_ylim(min(lows) * 0.95, max(lows) * 1.03)
     axes[0].set_ylabel('val loss of the export')
-    axes[0].legend()
+    axes[0].legend(fontsize=7)
     for ax, rule in zip(axes[2:], dynamic):
-        rows = next(iter(runs[rule].values()))['history']
+        history = next(iter(runs[rule].values()))['history']
         for d in domains:
-            ax.plot([r['batch'] for r in rows], [r[f'weight/{d}'] for r in rows], label=d)
+            ax.plot([r['batch'] for r in history], [r[f'weight/{d}'] for r in history], label=d)
         ax.set_title(f'{rule}: domain weights (first seed)')
         ax.set_xlabel('batch')
         ax.legend(fontsize=8)
+    for ax in axes[2 + len(dynamic):]:
+        ax.axis('off')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    trade_off(ax, summary)
+    fig.tight_layout()
+    fig.savefig(path.with_name(f'{path.stem}_trade_off.png'), dpi=100)
     plt.close(fig)
 
 
@@ -410,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--tasks', type=Path, default=None,
                    help='per-domain continuation tasks (drpruning-make-tasks) to score every model on; built from '
                         "--data with the source's tokenizer if the folder does not exist")
+    p.add_argument('--summary-only', action='store_true',
+                   help='train nothing: summarise the runs of the named rules and seeds already finished under --out '
+                        '(implies --reuse; a table of everything so far while other runs go on)')
     args = p.parse_args(argv)
+    args.reuse = args.reuse or args.summary_only
     try:
         args.variants = parse_variants(args.variant)
     except ValueError as e:
@@ -437,21 +503,26 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every rule for the seeds it finished
         for rule in rules:
+            if args.summary_only and not finished(args.out, rule, seed, args.stage):
+                continue
             print(f'== {rule}, seed {seed}', flush=True)
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
+    if not runs:
+        p.error(f'--summary-only: no finished run of {rules} with seeds {args.seeds} under {args.out}')
+    runs = {rule: runs[rule] for rule in rules if rule in runs}  # the rules' order, whichever seed ran them
     source_eval = source_evaluation(source, data, args.tasks, args.out, args.reuse)
     source_loss = source_eval['loss']
     prefix_sizes = sorted({r['prefix'] for seeds in runs.values() for r in seeds.values() if r['prefix']})
     source_prefix = {n: source_evaluation(source, data, None, args.out, args.reuse, max_samples=n)['loss']
                      for n in prefix_sizes}
-    summary = summarise(runs, source_loss, [r for r in rules if args.specs[r][0] == 'dro'], source_prefix)
+    summary = summarise(runs, source_loss, args.specs, source_prefix)
     samples = split_samples(data, 'val')
     print(f'\nsource {source}: ' + ' '.join(f'{d} {source_loss[d]:.4f}' for d in domains))
     if args.tasks:
         print('source accuracy (%): ' + ' '.join(f'{d} {100 * source_eval["accuracy"][d]:.2f}' for d in domains)
               + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
-    print_summary(summary, domains, len(args.seeds), samples, '/'.join(map(str, prefix_sizes)))
+    print_summary(summary, domains, samples, '/'.join(map(str, prefix_sizes)))
     print_running_gaps(runs, args.specs, domains)
     result = {'stage': args.stage, 'data': str(data), 'source': str(source), 'proportions': proportions,
               'seeds': args.seeds,
@@ -461,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
     (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
     plot(args.out / 'results.png', summary, runs, args.specs, domains)
-    print(f'\nwrote {args.out / "results.json"} and {args.out / "results.png"}')
+    print(f'\nwrote {args.out / "results.json"}, {args.out / "results.png"} and '
+          f'{args.out / "results_trade_off.png"}')
     return 0
 
 

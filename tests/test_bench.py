@@ -33,9 +33,9 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
             assert set(run['loss']) == set(DOMAINS)
             config = AutoConfig.from_pretrained(run['model'])
             assert {k: getattr(config, k) for k in TINY_TARGET} == TINY_TARGET
-    minus_constant = result['summary']['dro']['minus_constant']
-    assert set(minus_constant) == {'mean_loss', 'worst_loss', 'worst_degradation', 'loss'}
-    assert set(minus_constant['loss']) == set(DOMAINS)
+    minus_constant = result['summary']['dro']['minus']['constant']
+    assert set(minus_constant) == {'seeds', 'mean_loss', 'worst_loss', 'worst_degradation', 'loss'}
+    assert minus_constant['seeds'] == [1, 2] and set(minus_constant['loss']) == set(DOMAINS)
     assert set(result['summary']['dro-source']['minus']) == {'constant', 'dro'}
     for seed in ('1', '2'):  # the variant measured its reference at batch 0, before any update
         rows = result['runs']['dro-source'][seed]['history']
@@ -57,6 +57,18 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
     # follows batches trained on the same mixture stream (weights chosen at an evaluation apply only later), so 0.
     gaps = [line for line in proc.stdout.splitlines() if line.startswith('running eval, dro - constant, seed ')]
     assert len(gaps) == 2 and all(' 2:+0.000' in line or ' 2:-0.000' in line for line in gaps), gaps
+    assert (out / 'results_trade_off.png').stat().st_size > 0
+    # --summary-only trains nothing: of the rules and seeds named, it summarises those finished under --out.
+    summary_only = subprocess.run([*cmd[:cmd.index('--rules')], '--rules', 'constant', 'uniform', 'dro', '--seeds', '1',
+                                   '3', '--summary-only'], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert summary_only.returncode == 0, summary_only.stdout[-3000:] + summary_only.stderr[-3000:]
+    again = json.loads((out / 'results.json').read_text())
+    assert {rule: set(seeds) for rule, seeds in again['runs'].items()} == {'constant': {'1'}, 'dro': {'1'}}
+    assert again['runs']['dro']['1']['loss'] == result['runs']['dro']['1']['loss']
+    assert not (out / 'uniform-seed1').exists() and not (out / 'dro-seed3').exists()
+    nothing = subprocess.run([*cmd[:cmd.index('--rules')], '--rules', 'uniform', '--summary-only'], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+    assert nothing.returncode == 2 and '--summary-only: no finished run' in nothing.stderr
 
 
 def test_distill_overhead_prints_both_steps_and_the_teacher(tmp_path):
@@ -146,7 +158,9 @@ def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
     runs = {'uniform': {17: run(3.0, 5.0), 18: run(3.2, 5.0)},
             'uniform+kd': {17: run(2.9, 4.6), 18: run(3.0, 4.8), 19: run(9.0, 9.0)},
             'sheared': {17: run(3.1, 5.1)}}
-    summary = summarise(runs, source, challengers=[])
+    specs = {'uniform': ('uniform', []), 'uniform+kd': ('uniform', ['algorithms.distill.alpha=0.5']),
+             'sheared': ('sheared', [])}
+    summary = summarise(runs, source, specs)
     twin = summary['uniform+kd']['minus']['uniform']
     # mean loss: seed 17 3.75 - 4.0, seed 18 3.9 - 4.1 (seed 19 has no LM twin); worst degradation (domain a):
     # seed 17 1.45 - 1.5, seed 18 1.5 - 1.6
@@ -154,7 +168,34 @@ def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
     assert twin['worst_degradation'] == pytest.approx((-0.075, 0.025))
     # per domain: a -0.1, -0.2; b -0.4, -0.2 (where distillation gains, seed by seed)
     assert twin['loss']['a'] == pytest.approx((-0.15, 0.05)) and twin['loss']['b'] == pytest.approx((-0.3, 0.1))
-    assert 'minus' not in summary['uniform'] and 'minus' not in summary['sheared']
+    assert twin['seeds'] == [17, 18]
+    # A dynamic rule against the fixed mixture of the same loss, on the one seed both ran; uniform has no baseline.
+    assert 'minus' not in summary['uniform'] and list(summary['sheared']['minus']) == ['uniform']
+    assert summary['sheared']['minus']['uniform']['seeds'] == [17]
+    assert summary['sheared']['minus']['uniform']['mean_loss'][0] == pytest.approx(0.1)
+
+
+def test_comparisons_pair_every_dynamic_rule_with_the_fixed_mixtures_of_its_loss_and_the_method_with_all():
+    """Which differences the benchmark prints: every rule against constant, `+kd` against its twin and constant+kd,
+    sheared and dro against each fixed mixture with the same loss (sheared+kd - uniform+kd too), dro and its
+    variants against every other rule with the same loss, each pair once (a later variant minus an earlier rule)."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from method_quality import comparisons, rule_specs
+
+    specs = rule_specs(['constant', 'uniform', 'sheared', 'dro'], {'dro-x': ['callbacks.dro_reweight.rho=1']},
+                       ['teacher'], 0.5, REPO)
+    pairs = comparisons(list(specs), specs)
+    assert pairs == {
+        'uniform': ['constant'],
+        'sheared': ['constant', 'uniform'],
+        'dro-teacher': ['constant', 'uniform', 'sheared'],
+        'dro-x': ['constant', 'uniform', 'sheared', 'dro-teacher'],
+        'constant+kd': ['constant'],
+        'uniform+kd': ['uniform', 'constant', 'constant+kd'],
+        'sheared+kd': ['sheared', 'constant', 'constant+kd', 'uniform+kd'],
+        'dro-teacher+kd': ['dro-teacher', 'constant', 'constant+kd', 'uniform+kd', 'sheared+kd'],
+        'dro-x+kd': ['dro-x', 'constant', 'constant+kd', 'uniform+kd', 'sheared+kd', 'dro-teacher+kd'],
+    }
 
 
 def test_source_evaluation_is_kept_for_reuse_and_redone_for_another_source(tmp_path, monkeypatch):
