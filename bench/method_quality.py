@@ -219,7 +219,7 @@ def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict:
         return {'seeds': []}
     values: dict = {'seeds': seeds}
     values |= {m: mean_se([r[m] - b[m] for r, b in zip(rule_runs, base_runs)])
-              for m in METRICS if m != 'wall_s' and m in rule_runs[0] and m in base_runs[0]}
+               for m in METRICS if m != 'wall_s' and m in rule_runs[0] and m in base_runs[0]}
     if 'loss' in rule_runs[0] and 'loss' in base_runs[0]:
         values['loss'] = {d: mean_se([r['loss'][d] - b['loss'][d] for r, b in zip(rule_runs, base_runs)])
                           for d in rule_runs[0]['loss']}
