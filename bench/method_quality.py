@@ -46,6 +46,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +128,10 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     from drpruning_composer.dro.report import read_history_csv
     from drpruning_composer.evaluate import evaluate
 
-    save = (args.out / f'{rule}-seed{seed}').resolve()
+    record = run_record(args.out.resolve(), rule, seed, 'prune')
+    save = record.parent
     common = [*rule_overrides(rule, proportions, args.specs), f'variables.seed={seed}', 'save_overwrite=true',
               *overrides]
-    record = save / 'run.json'
     first = 'instruct' if args.stage == 'instruct' else 'prune'
     yaml = args.recipe if first == 'prune' and args.recipe else f'{first}.yaml'
     if not (args.reuse and record.is_file()):
@@ -142,8 +143,8 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
         record.write_text(json.dumps({'model': str(model), 'history': str(save / 'dro' / 'history.csv'),
                                       'recipe': str(save / yaml), 'wall_s': time.perf_counter() - start}))
     if args.stage == 'continue':  # judged: the continued model; its wall time includes the pruning run's
-        pruned, cont = json.loads(record.read_text()), save / 'continue'
-        record = cont / 'run.json'
+        pruned, record = json.loads(record.read_text()), run_record(args.out.resolve(), rule, seed, 'continue')
+        cont = record.parent
         if not (args.reuse and record.is_file()):
             start = time.perf_counter()
             train(recipe('continue.yaml', data, Path(pruned['model']), cont,
@@ -165,10 +166,11 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
     return run
 
 
-def finished(out: Path, rule: str, seed: int, stage: str) -> bool:
-    """Whether the run of `rule` and `seed` under `out` has trained to the end of `stage` (what --reuse keeps)."""
+def run_record(out: Path, rule: str, seed: int, stage: str) -> Path:
+    """The file a run of `rule` and `seed` under `out` writes when it has trained to the end of `stage` (what
+    --reuse keeps): `NAME-seedN/run.json`, or `NAME-seedN/continue/run.json` for the continued model."""
     save = out / f'{rule}-seed{seed}'
-    return (save / 'continue' / 'run.json' if stage == 'continue' else save / 'run.json').is_file()
+    return save / 'continue' / 'run.json' if stage == 'continue' else save / 'run.json'
 
 
 def evaluated_prefix(yaml: Path) -> int | None:
@@ -254,17 +256,17 @@ def comparisons(rules: list[str], specs: dict[str, tuple[str, list[str]]]) -> di
             pairs.append((rule, baseline))
 
     kd = {r: r.endswith('+kd') for r in rules}
+    dynamic = dynamic_rules(rules, specs)
     for rule in rules:
         add(rule, rule.removesuffix('+kd'))
     for rule in rules:
         add(rule, 'constant')
         if kd[rule]:
             add(rule, 'constant+kd')
-    for rule in rules:
-        if specs[rule][0] in ('sheared', 'dro'):
-            for other in rules:
-                if specs[other][0] in ('constant', 'uniform') and kd[other] == kd[rule]:
-                    add(rule, other)
+    for rule in dynamic:
+        for other in rules:
+            if other not in dynamic and kd[other] == kd[rule]:
+                add(rule, other)
     for rule in reversed(rules):  # a variant minus the rules listed before it (the default, the peers)
         if specs[rule][0] == 'dro':
             for other in rules:
@@ -360,9 +362,10 @@ def print_summary(summary: dict, domains: list[str], samples: dict[str, int], pr
               + (f'\n{"":<{wp}} loss per domain: ' + '  '.join(per_domain) if per_domain else ''))
 
 
-def dynamic_rules(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]]) -> list[str]:
-    """The rules in `runs` whose weights move (base rule `sheared` or `dro`, with or without distillation)."""
-    return [r for r in runs if specs[r][0] not in ('constant', 'uniform')]
+def dynamic_rules(rules: Iterable[str], specs: dict[str, tuple[str, list[str]]]) -> list[str]:
+    """The rules among `rules` (names, or a dict keyed by them) whose weights move (base rule `sheared` or `dro`,
+    with or without distillation)."""
+    return [r for r in rules if specs[r][0] not in ('constant', 'uniform')]
 
 
 def print_running_gaps(runs: dict[str, dict[int, dict]], specs: dict[str, tuple[str, list[str]]],
@@ -503,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:  # seed-major: an interrupted benchmark has every rule for the seeds it finished
         for rule in rules:
-            if args.summary_only and not finished(args.out, rule, seed, args.stage):
+            if args.summary_only and not run_record(args.out, rule, seed, args.stage).is_file():
                 continue
             print(f'== {rule}, seed {seed}', flush=True)
             runs.setdefault(rule, {})[seed] = run_one(rule, seed, args, data, source, proportions, overrides)
