@@ -313,6 +313,17 @@ def summarise(runs: dict[str, dict[int, dict]], source_loss: dict[str, float],
     return summary
 
 
+def trade_off_correlation(summary: dict) -> float | None:
+    """Pearson correlation, across rules, of the export's mean loss and its worst-domain degradation (each a rule's
+    mean over its seeds); None with fewer than 3 rules or when either does not vary. Near +1: the rules that balance
+    the domains best are also best on average, so there is little to trade between the two."""
+    x = np.array([e['worst_degradation'][0] for e in summary.values()])
+    y = np.array([e['mean_loss'][0] for e in summary.values()])
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def _pm(value: tuple[float, float], digits: int = 4) -> str:
     return f'{value[0]:.{digits}f}+-{value[1]:.{digits}f}'
 
@@ -333,6 +344,10 @@ def print_summary(summary: dict, domains: list[str], samples: dict[str, int], pr
         print(f'{rule:<{w}} {len(e["seeds"]):>2} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
               + f" {_pm(e['mean_loss']):>16} {_pm(e['worst_loss']):>16} {_pm(e['worst_degradation']):>16}"
               + f" {_pm(e['wall_s'], 0):>10}")
+    correlation = trade_off_correlation(summary)
+    if correlation is not None:
+        print(f'trade-off: across the {len(summary)} rules, mean loss and worst degradation correlate at '
+              f'{correlation:+.2f} (near +1: little to trade between the two)')
     if all('accuracy' in e for e in summary.values()):
         print('\n== per-domain continuation accuracy (%), mean +- s.e. over the n seeds each rule ran')
         head = f"{'rule':<{w}} {'n':>2} " + ' '.join(f'{d:>14}' for d in domains) + f" {'average':>14}"
@@ -532,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
               'overrides': overrides, 'samples': samples, 'source_loss': source_loss,
               'source_accuracy': source_eval.get('accuracy'),
               'source_prefix_loss': {str(n): v for n, v in source_prefix.items()}, 'summary': summary,
+              'trade_off_correlation': trade_off_correlation(summary),
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
     (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
     plot(args.out / 'results.png', summary, runs, args.specs, domains)

@@ -27,6 +27,7 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / 'results.json').read_text())
     assert set(result['runs']) == {'constant', 'dro', 'dro-source'} and (out / 'results.png').stat().st_size > 0
+    assert result['trade_off_correlation'] is None or -1 <= result['trade_off_correlation'] <= 1
     for rule, seeds in result['runs'].items():
         assert set(seeds) == {'1', '2'}
         for run in seeds.values():
@@ -173,6 +174,23 @@ def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
     assert 'minus' not in summary['uniform'] and list(summary['sheared']['minus']) == ['uniform']
     assert summary['sheared']['minus']['uniform']['seeds'] == [17]
     assert summary['sheared']['minus']['uniform']['mean_loss'][0] == pytest.approx(0.1)
+
+
+def test_trade_off_correlation_is_pearson_across_rules_and_none_without_spread():
+    """The correlation of the rules' mean loss with their worst degradation (their means over seeds): exact on a
+    line, its sign follows the slope, and it is None for fewer than 3 rules or a quantity that does not vary."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from method_quality import trade_off_correlation
+
+    def summary(points: list[tuple[float, float]]) -> dict:
+        return {f'r{i}': {'worst_degradation': (x, 0.01), 'mean_loss': (y, 0.02)} for i, (x, y) in enumerate(points)}
+
+    assert trade_off_correlation(summary([(1.6, 3.5), (1.7, 3.7), (1.8, 3.9)])) == pytest.approx(1.0)
+    assert trade_off_correlation(summary([(1.6, 3.9), (1.7, 3.7), (1.8, 3.5)])) == pytest.approx(-1.0)
+    # x = 0, 1, 2, 3 and y = 0, 1, 1, 0: no linear relation
+    assert trade_off_correlation(summary([(0, 0), (1, 1), (2, 1), (3, 0)])) == pytest.approx(0.0, abs=1e-12)
+    assert trade_off_correlation(summary([(1.6, 3.5), (1.8, 3.9)])) is None
+    assert trade_off_correlation(summary([(1.6, 3.5), (1.6, 3.7), (1.6, 3.9)])) is None
 
 
 def test_comparisons_pair_every_dynamic_rule_with_the_fixed_mixtures_of_its_loss_and_the_method_with_all():
