@@ -332,8 +332,10 @@ def _percent(value: tuple[float, float]) -> tuple[float, float]:
     return 100 * value[0], 100 * value[1]
 
 
-def print_summary(summary: dict, domains: list[str], samples: dict[str, int], prefix_rows: str = '') -> None:
-    """The tables: per rule (over the `n` seeds it ran) and per pair of rules (over the seeds both ran)."""
+def print_summary(summary: dict, domains: list[str], samples: dict[str, int], prefix_rows: str = '',
+                  correlation: float | None = None) -> None:
+    """The tables: per rule (over the `n` seeds it ran) and per pair of rules (over the seeds both ran), with the
+    rules' `trade_off_correlation` under the first when there is one."""
     w = max(9, *map(len, summary))
     print(f'\n== exported models, whole val splits ({", ".join(f"{d} {samples[d]}" for d in domains)} samples), '
           'mean +- s.e. over the n seeds each rule ran')
@@ -344,7 +346,6 @@ def print_summary(summary: dict, domains: list[str], samples: dict[str, int], pr
         print(f'{rule:<{w}} {len(e["seeds"]):>2} ' + ' '.join(f'{_pm(e["loss"][d]):>16}' for d in domains)
               + f" {_pm(e['mean_loss']):>16} {_pm(e['worst_loss']):>16} {_pm(e['worst_degradation']):>16}"
               + f" {_pm(e['wall_s'], 0):>10}")
-    correlation = trade_off_correlation(summary)
     if correlation is not None:
         print(f'trade-off: across the {len(summary)} rules, mean loss and worst degradation correlate at '
               f'{correlation:+.2f} (near +1: little to trade between the two)')
@@ -540,14 +541,15 @@ def main(argv: list[str] | None = None) -> int:
         print('source accuracy (%): ' + ' '.join(f'{d} {100 * source_eval["accuracy"][d]:.2f}' for d in domains)
               + f' average {100 * source_eval["mean_accuracy"]:.2f}')
     print(f'reference ratio: ' + ' '.join(f'{d} {w:.3f}' for d, w in zip(domains, proportions)))
-    print_summary(summary, domains, samples, '/'.join(map(str, prefix_sizes)))
+    correlation = trade_off_correlation(summary)
+    print_summary(summary, domains, samples, '/'.join(map(str, prefix_sizes)), correlation)
     print_running_gaps(runs, args.specs, domains)
     result = {'stage': args.stage, 'data': str(data), 'source': str(source), 'proportions': proportions,
               'seeds': args.seeds,
               'overrides': overrides, 'samples': samples, 'source_loss': source_loss,
               'source_accuracy': source_eval.get('accuracy'),
               'source_prefix_loss': {str(n): v for n, v in source_prefix.items()}, 'summary': summary,
-              'trade_off_correlation': trade_off_correlation(summary),
+              'trade_off_correlation': correlation,
               'runs': {rule: {str(s): r for s, r in seeds.items()} for rule, seeds in runs.items()}}
     (args.out / 'results.json').write_text(json.dumps(result, indent=2) + '\n')
     plot(args.out / 'results.png', summary, runs, args.specs, domains)
