@@ -16,7 +16,9 @@ read each domain: every export and the source are scored again on the first `eva
 `device_eval_batch_size` val rows (the rows a capped evaluation reads), and the table gives that prefix's
 degradation minus the whole split's, and how often it names the same worst domain. Each dynamic rule's running eval
 loss minus the fixed mixture's, per seed and evaluation, shows where a paired difference was made (0 until the first
-update). It writes `results.json`, `results.png` (per-domain bars with error bars, the trade-off and the weight
+update). Each run records the machine it trained on (`machine()`), and a pair whose two runs of a seed trained on
+different machines names that seed: runs repeat bit for bit on one machine, not across machines. It writes
+`results.json`, `results.png` (per-domain bars with error bars, the trade-off and the weight
 trajectories of the first seed) and `results_trade_off.png` (mean loss against worst-domain degradation, one point
 per rule) under `--out`. `--summary-only` trains nothing and summarises the named rules' runs already finished
 there.
@@ -141,7 +143,8 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
               save / f'{first}.log')
         model = save / 'pruned_hf' if first == 'prune' else save / 'huggingface' / 'model'
         record.write_text(json.dumps({'model': str(model), 'history': str(save / 'dro' / 'history.csv'),
-                                      'recipe': str(save / yaml), 'wall_s': time.perf_counter() - start}))
+                                      'recipe': str(save / yaml), 'wall_s': time.perf_counter() - start,
+                                      'machine': machine()}))
     if args.stage == 'continue':  # judged: the continued model; its wall time includes the pruning run's
         pruned, record = json.loads(record.read_text()), run_record(args.out.resolve(), rule, seed, 'continue')
         cont = record.parent
@@ -152,7 +155,8 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
             record.write_text(json.dumps({'model': str(cont / 'huggingface' / 'model'),
                                           'history': str(cont / 'dro' / 'history.csv'),
                                           'recipe': str(cont / 'continue.yaml'),
-                                          'wall_s': pruned['wall_s'] + time.perf_counter() - start}))
+                                          'wall_s': pruned['wall_s'] + time.perf_counter() - start,
+                                          'machine': machine()}))
     run = json.loads(record.read_text())
     if 'loss' not in run or (args.tasks and 'accuracy' not in run):
         run.update(evaluate([run['model']], str(data), max_samples=None, tasks=args.tasks)[0])
@@ -164,6 +168,30 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
         record.write_text(json.dumps(run))
     _, run['history'] = read_history_csv(run['history'])
     return run
+
+
+def machine() -> dict:
+    """What a run's numbers depend on besides its recipe and seed: this boot of this machine (Linux's `boot_id`;
+    None elsewhere), the CPU model, the kernels torch dispatches to (`get_cpu_capability`), torch's version and its
+    intra-op threads. A run repeats bit for bit on one machine; across machines reruns have differed by up to 0.04
+    nats per domain (docs/dro_update.md, "Seed 17 rerun"), so a pair of runs from two machines carries that noise."""
+    import platform
+
+    import torch
+
+    def read(path: str, field: str | None = None) -> str | None:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            return None
+        if field is None:
+            return text.strip()
+        return next((line.split(':', 1)[1].strip() for line in text.splitlines() if line.startswith(field)), None)
+
+    return {'boot': read('/proc/sys/kernel/random/boot_id'),
+            'cpu': read('/proc/cpuinfo', 'model name') or platform.processor(),
+            'capability': torch.backends.cpu.get_cpu_capability(), 'torch': torch.__version__,
+            'threads': torch.get_num_threads()}
 
 
 def run_record(out: Path, rule: str, seed: int, stage: str) -> Path:
@@ -214,12 +242,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def paired(runs: dict[str, dict[int, dict]], rule: str, baseline: str) -> dict:
     """Mean +- s.e. over the seeds both rules ran (listed under `seeds`; none: only that key) of the per-seed
     difference `rule - baseline`, per metric, and per domain under `loss` ({domain: (mean, s.e.)} of the export
-    losses' differences: where a rule gains and pays)."""
+    losses' differences: where a rule gains and pays). `other_machine` lists the seeds whose two runs recorded
+    different `machine()`s (a record without one is not listed): their difference carries the machines' noise too."""
     seeds = [s for s in runs[rule] if s in runs[baseline]]
     rule_runs, base_runs = [runs[rule][s] for s in seeds], [runs[baseline][s] for s in seeds]
     if not seeds:
         return {'seeds': []}
-    values: dict = {'seeds': seeds}
+    values: dict = {'seeds': seeds, 'other_machine': [
+        s for s, r, b in zip(seeds, rule_runs, base_runs) if r.get('machine') and b.get('machine')
+        and r['machine'] != b['machine']]}
     values |= {m: mean_se([r[m] - b[m] for r, b in zip(rule_runs, base_runs)])
                for m in METRICS if m != 'wall_s' and m in rule_runs[0] and m in base_runs[0]}
     if 'loss' in rule_runs[0] and 'loss' in base_runs[0]:
@@ -372,9 +403,11 @@ def print_summary(summary: dict, domains: list[str], samples: dict[str, int], pr
              if v['seeds']]
     wp = max([20] + [len(f'{r} - {b}') for r, b, _ in pairs])
     for rule, baseline, values in pairs:
-        metrics = [f'{m} {_pm(v)}' for m, v in values.items() if m not in ('loss', 'seeds')]
+        metrics = [f'{m} {_pm(v)}' for m, v in values.items() if m not in ('loss', 'seeds', 'other_machine')]
         per_domain = [f'{d} {_pm(v)}' for d, v in values.get('loss', {}).items()]
+        apart = values.get('other_machine')
         print(f'{rule + " - " + baseline:<{wp}} n {len(values["seeds"])}  ' + '  '.join(metrics)
+              + (f'  (seeds {", ".join(map(str, apart))}: the two runs trained on different machines)' if apart else '')
               + (f'\n{"":<{wp}} loss per domain: ' + '  '.join(per_domain) if per_domain else ''))
 
 

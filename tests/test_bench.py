@@ -35,8 +35,12 @@ def test_method_quality_quick_reports_every_rule_seed_and_domain(tiny_demo, tmp_
             config = AutoConfig.from_pretrained(run['model'])
             assert {k: getattr(config, k) for k in TINY_TARGET} == TINY_TARGET
     minus_constant = result['summary']['dro']['minus']['constant']
-    assert set(minus_constant) == {'seeds', 'mean_loss', 'worst_loss', 'worst_degradation', 'loss'}
+    assert set(minus_constant) == {'seeds', 'other_machine', 'mean_loss', 'worst_loss', 'worst_degradation', 'loss'}
     assert minus_constant['seeds'] == [1, 2] and set(minus_constant['loss']) == set(DOMAINS)
+    # Every run records the machine it trained on; here all trained on this one, so no pair is flagged.
+    machines = [run['machine'] for seeds in result['runs'].values() for run in seeds.values()]
+    assert all(m == machines[0] for m in machines) and machines[0]['threads'] >= 1
+    assert minus_constant['other_machine'] == [] and 'different machines' not in proc.stdout
     assert set(result['summary']['dro-source']['minus']) == {'constant', 'dro'}
     for seed in ('1', '2'):  # the variant measured its reference at batch 0, before any update
         rows = result['runs']['dro-source'][seed]['history']
@@ -174,6 +178,29 @@ def test_summary_pairs_each_distillation_run_with_its_lm_twin_seed_by_seed():
     assert 'minus' not in summary['uniform'] and list(summary['sheared']['minus']) == ['uniform']
     assert summary['sheared']['minus']['uniform']['seeds'] == [17]
     assert summary['sheared']['minus']['uniform']['mean_loss'][0] == pytest.approx(0.1)
+
+
+def test_pairs_name_the_seeds_whose_two_runs_trained_on_different_machines(capsys):
+    """A seed whose two runs recorded different machines is listed under `other_machine` and printed beside the
+    pair; equal machines, or a run recorded without one (before runs carried it), are not listed."""
+    sys.path.insert(0, str(REPO / 'bench'))
+    from method_quality import machine, print_summary, summarise
+
+    here = machine()
+    there = {**here, 'boot': 'another boot'}
+
+    def run(a: float, where: dict | None) -> dict:
+        return {'loss': {'a': a}, 'mean_loss': a, 'worst_loss': a, 'wall_s': 1.0,
+                **({'machine': where} if where else {})}
+
+    runs = {'constant': {1: run(3.0, here), 2: run(3.0, here), 3: run(3.0, here)},
+            'uniform': {1: run(2.9, here), 2: run(2.8, there), 3: run(2.7, None)}}
+    specs = {'constant': ('constant', []), 'uniform': ('uniform', [])}
+    summary = summarise(runs, {'a': 2.0}, specs)
+    assert summary['uniform']['minus']['constant']['other_machine'] == [2]
+    print_summary(summary, ['a'], {'a': 10})
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith('uniform - constant'))
+    assert line.endswith('(seeds 2: the two runs trained on different machines)')
 
 
 def test_trade_off_correlation_is_pearson_across_rules_and_none_without_spread():
