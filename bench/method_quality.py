@@ -173,8 +173,9 @@ def run_one(rule: str, seed: int, args: argparse.Namespace, data: Path, source: 
 def machine() -> dict:
     """What a run's numbers depend on besides its recipe and seed: this boot of this machine (Linux's `boot_id`;
     None elsewhere), the CPU model, the kernels torch dispatches to (`get_cpu_capability`), torch's version and its
-    intra-op threads. A run repeats bit for bit on one machine; across machines reruns have differed by up to 0.04
-    nats per domain (docs/dro_update.md, "Seed 17 rerun"), so a pair of runs from two machines carries that noise."""
+    intra-op threads. A run repeats bit for bit on one machine; across machines reruns have differed by up to 0.10
+    nats per domain (docs/dro_update.md, "Uniform-then-dro with distillation"), so a pair of runs from two machines
+    carries that noise."""
     import platform
 
     import torch
@@ -407,7 +408,8 @@ def print_summary(summary: dict, domains: list[str], samples: dict[str, int], pr
         per_domain = [f'{d} {_pm(v)}' for d, v in values.get('loss', {}).items()]
         apart = values.get('other_machine')
         print(f'{rule + " - " + baseline:<{wp}} n {len(values["seeds"])}  ' + '  '.join(metrics)
-              + (f'  (seeds {", ".join(map(str, apart))}: the two runs trained on different machines)' if apart else '')
+              + (f'  (seed{"s" * (len(apart) > 1)} {", ".join(map(str, apart))}: the two runs trained on different '
+                 'machines)' if apart else '')
               + (f'\n{"":<{wp}} loss per domain: ' + '  '.join(per_domain) if per_domain else ''))
 
 

@@ -200,7 +200,7 @@ def test_pairs_name_the_seeds_whose_two_runs_trained_on_different_machines(capsy
     assert summary['uniform']['minus']['constant']['other_machine'] == [2]
     print_summary(summary, ['a'], {'a': 10})
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith('uniform - constant'))
-    assert line.endswith('(seeds 2: the two runs trained on different machines)')
+    assert line.endswith('(seed 2: the two runs trained on different machines)')
 
 
 def test_trade_off_correlation_is_pearson_across_rules_and_none_without_spread():
